@@ -1,0 +1,47 @@
+# Two front-door commands: `make demo` (main job on real data) and `make test`.
+# Both create/reuse .venv and install what they need; weights land in .cache/torch.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export TORCH_HOME ?= $(CURDIR)/.cache/torch
+SHARED ?= $(abspath $(CURDIR)/../shared)
+BOTTLE ?= $(SHARED)/data/mvtec_ad/bottle
+STAMP := $(VENV)/.installed
+
+.PHONY: venv weights test lint demo demo-bottle clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch/torchvision pinned to the builds this workplace serves from local disk
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+weights: $(STAMP)
+	$(BIN)/linewatch weights fetch
+
+lint: $(STAMP)
+	$(BIN)/ruff check linewatch tests
+
+test: weights
+	$(BIN)/ruff check linewatch tests
+	$(BIN)/pytest -q
+
+# Until the streaming demo lands: calibrate → evaluate → infer on MVTec AD bottle.
+demo: demo-bottle
+
+demo-bottle: weights
+	@test -d $(BOTTLE)/train/good || { echo "MVTec bottle not found at $(BOTTLE) (set BOTTLE=...)"; exit 2; }
+	mkdir -p demo-out
+	test -f demo-out/bottle.lwm || $(BIN)/linewatch calibrate --normal-dir $(BOTTLE)/train/good --out demo-out/bottle.lwm
+	$(BIN)/linewatch evaluate --model demo-out/bottle.lwm --mvtec $(BOTTLE) --json demo-out/bottle-eval.json
+	$(BIN)/linewatch infer --model demo-out/bottle.lwm --out demo-out/infer \
+		$(BOTTLE)/test/good/000.png $(BOTTLE)/test/broken_large/000.png \
+		$(BOTTLE)/test/broken_small/000.png $(BOTTLE)/test/contamination/000.png
+
+clean:
+	rm -rf demo-out .pytest_cache

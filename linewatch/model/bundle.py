@@ -1,0 +1,145 @@
+"""The model bundle: one safetensors file with the student weights and a JSON header.
+
+safetensors holds only tensors and strings, so loading a bundle cannot run code. The header
+names the backbone and the teacher weights (by sha256), input size, normalisation, the
+calibration and how the student was trained.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from linewatch import __version__
+from linewatch.errors import BundleError
+
+FORMAT = "linewatch-bundle"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Calibration:
+    """Thresholds fitted on held-out good images, and the scores they came from."""
+
+    image_threshold: float
+    pixel_threshold: float
+    alpha: float  # target false-reject rate
+    false_reject_bound: float  # what the conformal order statistic guarantees: ≤ alpha when n is large enough
+    scores: list[float] = field(default_factory=list)  # sorted calibration image scores
+    pixel_alpha: float = 1e-3
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def p_value(self, score: float) -> float:
+        """Conformal p-value: (1 + #{calibration scores ≥ score}) / (n + 1)."""
+        n = len(self.scores)
+        if n == 0:
+            return float("nan")
+        at_least = n - bisect.bisect_left(self.scores, score)
+        return (1 + at_least) / (n + 1)
+
+    def is_fail(self, score: float) -> bool:
+        return score > self.image_threshold
+
+
+@dataclass
+class BundleMeta:
+    backbone: str
+    teacher_sha256: str
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    n_students: int
+    blur_sigma: float
+    calibration: Calibration | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    linewatch_version: str = __version__
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> BundleMeta:
+        d = json.loads(text)
+        cal = d.pop("calibration", None)
+        d["input_size"] = tuple(d["input_size"])
+        d["mean"] = tuple(d["mean"])
+        d["std"] = tuple(d["std"])
+        meta = cls(**d)
+        meta.calibration = Calibration(**cal) if cal else None
+        return meta
+
+
+def save_bundle(path: str | os.PathLike, students_state: dict[str, torch.Tensor], meta: BundleMeta) -> None:
+    """Write atomically (temp file + rename) so a daemon reloading it never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in students_state.items()}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"linewatch": meta.to_json()})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class LoadedBundle:
+    meta: BundleMeta
+    students_state: dict[str, torch.Tensor]
+    model_id: str  # first 12 hex digits of the file's sha256: changes whenever weights or thresholds do
+    path: Path
+
+
+def load_bundle(path: str | os.PathLike) -> LoadedBundle:
+    path = Path(path)
+    fix = "re-create it with `linewatch calibrate`"
+    if not path.is_file():
+        raise BundleError(f"model file {path} not found; {fix}")
+    try:
+        raw = path.read_bytes()
+        with safe_open(str(path), framework="pt") as f:
+            header = (f.metadata() or {}).get("linewatch")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise BundleError(f"model file {path} is corrupt or not a linewatch bundle ({reason}); {fix}") from None
+    if header is None:
+        raise BundleError(f"model file {path} is a safetensors file but not a linewatch bundle; {fix}")
+    try:
+        d = json.loads(header)
+        if d.get("format") != FORMAT:
+            raise ValueError("wrong format tag")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"model file {path} is bundle format v{version} (written by linewatch "
+                f"{d.get('linewatch_version', '?')}), this linewatch {__version__} reads v{FORMAT_VERSION}; "
+                f"{fix} or run the matching linewatch version"
+            )
+        meta = BundleMeta.from_json(header)
+    except BundleError:
+        raise
+    except Exception as exc:
+        raise BundleError(f"model file {path} has an unreadable header ({exc}); {fix}") from None
+    if meta.calibration is not None:
+        for name in ("image_threshold", "pixel_threshold"):
+            v = getattr(meta.calibration, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise BundleError(f"model file {path} has an invalid {name} ({v!r}); {fix}")
+    model_id = hashlib.sha256(raw).hexdigest()[:12]
+    return LoadedBundle(meta=meta, students_state=tensors, model_id=model_id, path=path)

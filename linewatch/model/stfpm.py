@@ -1,0 +1,141 @@
+"""STFPM (Wang et al., BMVC 2021): a frozen teacher, one or more students, feature-pyramid matching.
+
+Pure torch: nothing here knows about files, cameras or configuration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from linewatch.model.backbones import PyramidExtractor, build_extractor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def stfpm_loss(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum over stages of 1/(2wh) Σ ||t̂ − ŝ||², averaged over the batch (eq. 1–2 of the paper)."""
+    total = teacher[0].new_zeros(())
+    for t, s in zip(teacher, student, strict=True):
+        t = F.normalize(t.float(), dim=1)
+        s = F.normalize(s.float(), dim=1)
+        total = total + 0.5 * (t - s).pow(2).sum(1).mean()
+    return total
+
+
+def stage_distances(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
+                    size: tuple[int, int]) -> torch.Tensor:
+    """Per-pixel anomaly map of one student: product over stages of the upsampled distances → (B,H,W)."""
+    amap = None
+    for t, s in zip(teacher, student, strict=True):
+        t = F.normalize(t.float(), dim=1)
+        s = F.normalize(s.float(), dim=1)
+        d = 0.5 * (t - s).pow(2).sum(1, keepdim=True)
+        d = F.interpolate(d, size=size, mode="bilinear", align_corners=False)
+        amap = d if amap is None else amap * d
+    return amap[:, 0]
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    radius = max(1, int(4.0 * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+class STFPM(nn.Module):
+    """Teacher + N students. ``forward`` maps a batch of images to (anomaly maps, image scores)."""
+
+    def __init__(
+        self,
+        backbone: str,
+        teacher: PyramidExtractor | None = None,
+        n_students: int = 1,
+        input_size: tuple[int, int] = (256, 256),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        blur_sigma: float = 4.0,
+    ):
+        super().__init__()
+        if n_students < 1:
+            raise ValueError("n_students must be ≥ 1")
+        self.backbone = backbone
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.blur_sigma = float(blur_sigma)
+        self.teacher = teacher if teacher is not None else build_extractor(backbone)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher.eval()
+        self.students = nn.ModuleList(build_extractor(backbone) for _ in range(n_students))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        kernel = gaussian_kernel1d(blur_sigma) if blur_sigma > 0 else torch.ones(1)
+        self.register_buffer("blur_kernel", kernel, persistent=False)
+
+    @property
+    def n_students(self) -> int:
+        return len(self.students)
+
+    def train(self, mode: bool = True) -> STFPM:
+        super().train(mode)
+        self.teacher.eval()  # the teacher is frozen, BatchNorm statistics included
+        return self
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B,H,W,3) or (B,3,H,W), or float in [0,1] → normalised float (B,3,h,w) at input size."""
+        if images.ndim != 4:
+            raise ValueError(f"expected a batch of images (4 dims), got shape {tuple(images.shape)}")
+        if images.shape[-1] == 3 and images.shape[1] != 3:
+            images = images.permute(0, 3, 1, 2)
+        x = images.float()
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        if tuple(x.shape[-2:]) != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+        with torch.no_grad():
+            t = self.teacher(x)
+        return t, [s(x) for s in self.students]
+
+    def loss(self, images: torch.Tensor) -> torch.Tensor:
+        """Training loss on a batch, summed over students (each learns independently)."""
+        t, ss = self.features(self.preprocess(images))
+        return sum(stfpm_loss(t, s) for s in ss)
+
+    def blur(self, maps: torch.Tensor) -> torch.Tensor:
+        """Separable Gaussian smoothing of (B,H,W) maps, as anomalib does before taking the max."""
+        if self.blur_sigma <= 0:
+            return maps
+        k = self.blur_kernel.to(maps.dtype)
+        r = k.numel() // 2
+        x = maps.unsqueeze(1)
+        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+        x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+        return x[:, 0]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(anomaly maps (B,H,W) at input size, image scores (B,)); with several students the map is
+        their mean distance plus their variance (Bergmann et al., 2020)."""
+        x = self.preprocess(images)
+        t, ss = self.features(x)
+        per_student = torch.stack([stage_distances(t, s, self.input_size) for s in ss])
+        if len(ss) > 1:
+            maps = per_student.mean(0) + per_student.var(0, unbiased=False)
+        else:
+            maps = per_student[0]
+        maps = self.blur(maps)
+        scores = maps.flatten(1).amax(1)
+        return maps, scores
+
+
+def default_blur_sigma(input_size: Sequence[int]) -> float:
+    """σ = 4 px at 256 (anomalib's default), scaled with the input so smoothing covers the same area."""
+    return 4.0 * math.sqrt(input_size[0] * input_size[1]) / 256.0

@@ -1,0 +1,144 @@
+"""Student training: SGD on the pyramid-matching loss, best checkpoint by validation loss.
+
+The images are decoded and resized once (uint8 in memory): re-decoding 900×900 PNGs every epoch
+would cost more than the forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from linewatch.model.stfpm import STFPM
+
+
+@dataclass
+class TrainConfig:
+    max_epochs: int = 100
+    batch_size: int = 32
+    lr: float = 0.4
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    patience: int = 10  # epochs without a better validation loss before stopping
+    min_delta: float = 1e-3  # relative improvement that counts as better
+    schedule: str = "cosine"  # "cosine" (to 0 over max_epochs) or "constant" (the paper)
+    seed: int = 0
+    flip_augment: bool = False
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    epochs_run: int
+    best_val_loss: float
+    seconds: float
+    stopped_early: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def split_indices(n: int, val_fraction: float, cal_fraction: float, seed: int = 0
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded disjoint train / validation / calibration index sets."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    n_cal = int(round(n * cal_fraction))
+    n_val = int(round(n * val_fraction))
+    if n - n_cal - n_val < 1:
+        raise ValueError("not enough images left for training after the validation and calibration splits")
+    cal = np.sort(order[:n_cal])
+    val = np.sort(order[n_cal:n_cal + n_val])
+    train = np.sort(order[n_cal + n_val:])
+    return train, val, cal
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator | None):
+    idx = rng.permutation(n) if rng is not None else np.arange(n)
+    for i in range(0, n, batch_size):
+        yield idx[i:i + batch_size]
+
+
+def evaluate_loss(model: STFPM, images: np.ndarray, batch_size: int, device: torch.device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for b in _batches(len(images), batch_size, None):
+            x = torch.from_numpy(images[b]).to(device)
+            total += float(model.loss(x)) * len(b)
+            count += len(b)
+    return total / max(count, 1)
+
+
+def train_students(
+    model: STFPM,
+    train_images: np.ndarray,
+    val_images: np.ndarray,
+    cfg: TrainConfig,
+    device: torch.device,
+    progress: bool = True,
+) -> TrainResult:
+    """Train in place; on return the model holds the weights of the best validation epoch."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model.to(device)
+    opt = torch.optim.SGD(model.students.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_images) / cfg.batch_size)
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.max_epochs * steps_per_epoch)
+    elif cfg.schedule == "constant":
+        sched = None
+    else:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}")
+    have_val = len(val_images) > 0
+    best = (math.inf, 0, copy.deepcopy(model.students.state_dict()))
+    history: list[dict[str, float]] = []
+    since_best = 0
+    stopped_early = False
+    start = time.monotonic()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_epochs, desc="training", unit="epoch")
+    epoch = 0
+    for epoch in range(1, cfg.max_epochs + 1):
+        model.train()
+        run_loss, seen = 0.0, 0
+        for b in _batches(len(train_images), cfg.batch_size, rng):
+            x = torch.from_numpy(train_images[b])
+            if cfg.flip_augment and rng.random() < 0.5:
+                x = torch.flip(x, dims=[2])
+            x = x.to(device)
+            loss = model.loss(x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            run_loss += float(loss) * len(b)
+            seen += len(b)
+        train_loss = run_loss / max(seen, 1)
+        val_loss = evaluate_loss(model, val_images, cfg.batch_size, device) if have_val else train_loss
+        history.append({"epoch": epoch, "loss": train_loss, "val_loss": val_loss})
+        if val_loss < best[0] * (1 - cfg.min_delta):
+            best = (val_loss, epoch, copy.deepcopy(model.students.state_dict()))
+            since_best = 0
+        else:
+            since_best += 1
+        if bar is not None:
+            bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=best[1])
+            bar.update(1)
+        if since_best >= cfg.patience:
+            stopped_early = True
+            break
+    if bar is not None:
+        bar.close()
+    model.students.load_state_dict(best[2])
+    model.eval()
+    return TrainResult(best_epoch=best[1], epochs_run=epoch, best_val_loss=best[0],
+                       seconds=time.monotonic() - start, stopped_early=stopped_early, history=history)
