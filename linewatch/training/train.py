@@ -120,7 +120,7 @@ def train_students(
             opt.step()
             if sched is not None:
                 sched.step()
-            run_loss += float(loss) * len(b)
+            run_loss += float(loss.detach()) * len(b)
             seen += len(b)
         train_loss = run_loss / max(seen, 1)
         val_loss = evaluate_loss(model, val_images, cfg.batch_size, device) if have_val else train_loss

@@ -1,0 +1,102 @@
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from linewatch.errors import BundleError
+from linewatch.model import load_bundle, load_detector, save_bundle
+from linewatch.model.bundle import FORMAT_VERSION
+
+
+def test_round_trip_keeps_weights_meta_and_predictions(untrained_bundle, tmp_path):
+    b = load_bundle(untrained_bundle)
+    copy = tmp_path / "copy.lwm"
+    save_bundle(copy, b.students_state, b.meta)
+    b2 = load_bundle(copy)
+    assert b2.meta == b.meta
+    assert b2.students_state.keys() == b.students_state.keys()
+    for k in b.students_state:
+        assert torch.equal(b.students_state[k], b2.students_state[k])
+    d1 = load_detector(untrained_bundle, "cpu")
+    d2 = load_detector(copy, "cpu")
+    x = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    torch.testing.assert_close(d1.predict(x).maps, d2.predict(x).maps)
+    assert d1.calibration.image_threshold == b.meta.calibration.image_threshold
+    assert b.meta.backbone == "mobilenet_v2" and b.meta.input_size == (64, 64)
+    assert len(b.meta.teacher_sha256) == 64 and b.meta.linewatch_version
+    assert len(b.model_id) == 12
+
+
+def test_missing_file_names_the_file_and_the_fix(tmp_path):
+    with pytest.raises(BundleError, match=r"not found.*linewatch calibrate"):
+        load_bundle(tmp_path / "nope.lwm")
+
+
+@pytest.mark.parametrize("cut", [0, 7, 100, -50])
+def test_truncated_bundle_is_rejected(untrained_bundle, tmp_path, cut):
+    raw = Path(untrained_bundle).read_bytes()
+    bad = tmp_path / "bad.lwm"
+    bad.write_bytes(raw[:cut] if cut >= 0 else raw[:cut])
+    with pytest.raises(BundleError, match="corrupt|not a linewatch bundle|unreadable"):
+        load_detector(bad, "cpu")
+
+
+def test_random_bytes_are_rejected(tmp_path):
+    bad = tmp_path / "bad.lwm"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    with pytest.raises(BundleError):
+        load_bundle(bad)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (Path.touch, (Path(__file__).parent / "PWNED",))
+
+
+def test_pickle_payload_is_refused_without_running_it(tmp_path):
+    marker = Path(__file__).parent / "PWNED"
+    marker.unlink(missing_ok=True)
+    for name, writer in [("p.lwm", lambda p: p.write_bytes(pickle.dumps(_Evil()))),
+                         ("t.lwm", lambda p: torch.save({"x": _Evil()}, p))]:
+        path = tmp_path / name
+        writer(path)
+        with pytest.raises(BundleError):
+            load_bundle(path)
+    assert not marker.exists()
+
+
+def test_other_format_version_is_refused_with_a_clear_message(untrained_bundle, tmp_path):
+    b = load_bundle(untrained_bundle)
+    meta = json.loads(b.meta.to_json())
+    meta["format_version"] = FORMAT_VERSION + 1
+    meta["linewatch_version"] = "9.9.9"
+    path = tmp_path / "future.lwm"
+    save_file(b.students_state, str(path), metadata={"linewatch": json.dumps(meta)})
+    with pytest.raises(BundleError, match=r"format v2 \(written by linewatch 9.9.9\)"):
+        load_bundle(path)
+
+
+def test_plain_safetensors_file_is_not_a_bundle(tmp_path):
+    path = tmp_path / "plain.safetensors"
+    save_file({"a": torch.zeros(2)}, str(path))
+    with pytest.raises(BundleError, match="not a linewatch bundle"):
+        load_bundle(path)
+
+
+def test_teacher_weights_mismatch_is_refused(untrained_bundle, tmp_path):
+    b = load_bundle(untrained_bundle)
+    b.meta.teacher_sha256 = "0" * 64
+    path = tmp_path / "other-teacher.lwm"
+    save_bundle(path, b.students_state, b.meta)
+    with pytest.raises(BundleError, match="teacher weights"):
+        load_detector(path, "cpu")
+
+
+def test_save_is_atomic_no_temp_files_left(untrained_bundle, tmp_path):
+    b = load_bundle(untrained_bundle)
+    save_bundle(tmp_path / "m.lwm", b.students_state, b.meta)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.lwm"]
