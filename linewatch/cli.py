@@ -133,7 +133,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ("PRO (FPR ≤ 0.3)", f"{r.pro:.4f}"),
         ("image threshold", f"{r.image_threshold:.6g}"),
         ("image F1 @ threshold", f"{r.f1:.4f}"), ("precision / recall", f"{r.precision:.4f} / {r.recall:.4f}"),
-        ("false-reject rate (test/good)", f"{r.false_reject_rate:.4f} (calibration bound {r.false_reject_bound:.4f})"),
+        ("false-reject rate (test/good)", f"{r.false_reject_rate:.4f} ({r.false_rejects}/{r.n_good}; "
+                                          f"calibration bound {r.false_reject_bound:.4f})"),
+        ("  P(≥ that many | bound)", f"{r.false_reject_tail_p:.3f} "
+                                     f"({'consistent with' if r.false_reject_tail_p >= 0.05 else 'BREAKS'} the bound)"),
         ("pixel F1 @ pixel threshold", f"{r.pixel_f1:.4f}"),
     ] + [(f"recall: {k}", f"{v:.3f}") for k, v in r.per_defect_recall.items()] + [("seconds", f"{r.seconds:.1f}")]
     width = max(len(k) for k, _ in rows)
@@ -196,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backbone", default="mobilenet_v2", help="mobilenet_v2 (default), resnet18, wide_resnet50_2")
     c.add_argument("--input-size", type=_size, default=(256, 256), help="model input, e.g. 256 or 256x320")
     c.add_argument("--students", type=int, default=1, help="number of students (ensemble)")
-    c.add_argument("--epochs", type=int, default=100, help="maximum epochs (default 100)")
+    c.add_argument("--epochs", type=int, default=40, help="epochs of the cosine schedule (default 40)")
     c.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better val loss")
     c.add_argument("--batch-size", type=int, default=32)
     c.add_argument("--lr", type=float, default=0.4)
@@ -248,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("linewatch: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -100,3 +101,7 @@ def test_save_is_atomic_no_temp_files_left(untrained_bundle, tmp_path):
     b = load_bundle(untrained_bundle)
     save_bundle(tmp_path / "m.lwm", b.students_state, b.meta)
     assert [p.name for p in tmp_path.iterdir()] == ["m.lwm"]
+    # readable by the service user like any file written with the umask (mkstemp alone makes 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m.lwm").stat().st_mode & 0o777 == 0o666 & ~umask

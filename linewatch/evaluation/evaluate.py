@@ -10,6 +10,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from scipy.stats import binom
 
 from linewatch.data import list_images, load_images, read_image
 from linewatch.errors import DataError
@@ -41,6 +42,10 @@ class EvalReport:
     false_reject_bound: float
     pixel_f1: float
     seconds: float
+    false_rejects: int = 0
+    # P(at least this many false rejects among n_good | the true rate were the calibration bound):
+    # a small value (< 0.05) would mean the calibration's promise is broken, not just an unlucky draw.
+    false_reject_tail_p: float = 1.0
     per_defect_recall: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
 
@@ -96,4 +101,6 @@ def evaluate_mvtec(detector: Detector, category_dir: str | os.PathLike, batch_si
         recall=stats["recall"], false_reject_rate=stats["false_reject_rate"],
         false_reject_bound=cal.false_reject_bound, pixel_f1=pix["f1"],
         seconds=time.monotonic() - start, per_defect_recall=per_defect,
+        false_rejects=stats["fp"],
+        false_reject_tail_p=float(binom.sf(stats["fp"] - 1, int((split.labels == 0).sum()), cal.false_reject_bound)),
     )

@@ -91,6 +91,10 @@ def save_bundle(path: str | os.PathLike, students_state: dict[str, torch.Tensor]
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"linewatch": meta.to_json()})
+        # mkstemp makes 0600; a model is read by the service user, so honour the umask like open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -19,7 +19,7 @@ from linewatch.model.stfpm import STFPM
 
 @dataclass
 class TrainConfig:
-    max_epochs: int = 100
+    max_epochs: int = 40
     batch_size: int = 32
     lr: float = 0.4
     momentum: float = 0.9
