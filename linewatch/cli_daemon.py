@@ -1,0 +1,155 @@
+"""CLI for the streaming daemon: ``run``, ``check-config``, ``subscribe``.
+
+``register(subparsers)`` adds them to the main ``linewatch`` parser. ``python -m linewatch.cli_daemon``
+runs them stand-alone with the same error handling as ``linewatch`` (a user error is one line on stderr
+and exit status 2). Heavy imports (torch) happen inside the handlers, so ``check-config`` and
+``subscribe`` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+
+from linewatch.errors import LinewatchError
+
+DEFAULT_CONFIG = "/etc/linewatch/linewatch.yaml"
+CONFIG_ENV = "LINEWATCH_CONFIG"
+
+
+def _config_path(arg: str | None) -> str:
+    return arg or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from linewatch.config import load_config
+
+    path = _config_path(args.config)
+    cfg = load_config(path)
+    from linewatch.pipeline.daemon import run_daemon
+
+    return run_daemon(cfg, path)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from linewatch.config import load_config
+
+    cfg = load_config(args.file)
+    print(f"# {args.file}: valid (environment overrides applied)")
+    print(yaml.safe_dump(cfg.effective(), sort_keys=False, default_flow_style=None), end="")
+    if not cfg.model.bundle.is_file():
+        print(f"linewatch: warning: model.bundle {cfg.model.bundle} does not exist (yet); "
+              "`linewatch run` will refuse to start without it", file=sys.stderr)
+    return 0
+
+
+def _fmt_time(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    from linewatch.client import Subscriber
+    from linewatch.messages import Status, Verdict, status_to_dict, verdict_to_dict
+
+    save = Path(args.save_masks) if args.save_masks else None
+    if save is not None:
+        try:
+            save.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LinewatchError(f"cannot create --save-masks folder {save} ({exc.strerror})") from None
+    n = 0
+    got_any = False
+    with Subscriber(args.endpoint, cameras=[args.camera] if args.camera else None, status=args.status) as sub:
+        try:
+            while args.count is None or n < args.count:
+                msg = sub.recv(args.timeout)
+                if msg is None:
+                    what = "message" if got_any else "verdict"
+                    print(f"linewatch: no {what} within {args.timeout:g} s from {args.endpoint}"
+                          + ("" if got_any else "; is `linewatch run` running and publisher.bind reachable?"),
+                          file=sys.stderr)
+                    return 1 if (args.count is not None or not got_any) else 0
+                got_any = True
+                if isinstance(msg, Status):
+                    if args.json:
+                        print(json.dumps(status_to_dict(msg)), flush=True)
+                    else:
+                        detail = msg.state or ""
+                        if msg.kind == "heartbeat":
+                            detail = (f"{msg.frames} verdicts, {msg.fps or 0:.1f} fps, {msg.dropped} dropped, "
+                                      f"cameras {msg.cameras}")
+                        print(f"{_fmt_time(msg.time)} status {msg.kind} {msg.camera or ''} {detail} "
+                              f"{msg.reason or ''}".rstrip(), flush=True)
+                    continue
+                assert isinstance(msg, Verdict)
+                n += 1
+                saved = ""
+                if save is not None and msg.mask_png is not None:
+                    out = save / f"{msg.camera}_{msg.sequence:08d}_{msg.verdict}.png"
+                    out.write_bytes(msg.mask_png)
+                    saved = f" mask={out}"
+                if args.json:
+                    print(json.dumps(verdict_to_dict(msg)), flush=True)
+                    continue
+                p = "-" if msg.p_value is None else f"{msg.p_value:.3g}"
+                print(f"{_fmt_time(msg.capture_time)} {msg.camera} #{msg.sequence} {msg.verdict.upper()} "
+                      f"score={msg.score:.4g} thr={msg.threshold:.4g} p={p} regions={msg.n_regions} "
+                      f"area={msg.defect_area}px latency={msg.latency * 1000:.0f}ms"
+                      + (f" ref={msg.ref}" if msg.ref else "") + saved, flush=True)
+        except KeyboardInterrupt:
+            pass
+        if sub.malformed:
+            print(f"linewatch: warning: {sub.malformed} malformed message(s) skipped (last: {sub.last_error})",
+                  file=sys.stderr)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("run", help="run the streaming inspection daemon",
+                              description="Capture → micro-batched inference → ZeroMQ verdicts + Prometheus.")
+    p.add_argument("--config", metavar="FILE",
+                   help=f"YAML config (default: ${CONFIG_ENV} or {DEFAULT_CONFIG}); "
+                   "LINEWATCH_<SECTION>__<KEY> environment variables override it")
+    p.set_defaults(func=cmd_run)
+
+    p = subparsers.add_parser("check-config", help="validate a daemon config and print the effective config")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=cmd_check_config)
+
+    p = subparsers.add_parser("subscribe", help="print verdicts from a running daemon")
+    p.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="publisher address (default: %(default)s)")
+    p.add_argument("--camera", metavar="NAME", help="only this camera")
+    p.add_argument("--save-masks", metavar="DIR", help="write each received defect mask PNG here")
+    p.add_argument("--count", type=int, metavar="N", help="exit after N verdicts")
+    p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds without a message")
+    p.add_argument("--status", action="store_true", help="also print heartbeats and camera up/down")
+    p.add_argument("--json", action="store_true", help="print each message header as one JSON line")
+    p.set_defaults(func=cmd_subscribe)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="linewatch", description="linewatch streaming daemon commands")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LinewatchError as exc:
+        print(f"linewatch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

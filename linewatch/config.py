@@ -1,0 +1,335 @@
+"""Daemon configuration: one YAML file plus ``LINEWATCH_…`` environment overrides.
+
+Precedence: environment > file > defaults. Nested keys use ``__`` in variable names, e.g.
+``LINEWATCH_BATCHING__MAX_BATCH=16`` or ``LINEWATCH_PUBLISHER__BIND=tcp://0.0.0.0:5555``; a list
+(``cameras``) is replaced as a whole by a JSON value. Unknown keys are errors that name the key, so a
+typo never silently falls back to a default. Relative paths (the model, ``dir://`` folders, video files)
+are relative to the config file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
+
+from linewatch.errors import ConfigError
+from linewatch.messages import CAMERA_NAME_RE
+
+DEFAULT_CONFIG_PATH = Path("/etc/linewatch/linewatch.yaml")
+ENV_PREFIX = "LINEWATCH_"
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    bundle: Path = Field(description="model bundle written by `linewatch calibrate`")
+    teacher_weights: Path | None = Field(
+        None, description="ImageNet weights of the backbone; default: $TORCH_HOME/hub/checkpoints/<file>")
+
+
+class BatchingConfig(_Section):
+    max_batch: int = Field(8, ge=1, le=256)
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="wait at most this long after the first frame")
+    frame_queue: int = Field(4, ge=1, le=10_000, description="frames held per camera; when full the oldest goes")
+    publish_queue: int = Field(256, ge=1, le=100_000, description="verdicts waiting for the publisher thread")
+    torch_threads: int | None = Field(None, ge=1, le=256, description="CPU threads for inference; null = auto")
+
+
+class ReconnectConfig(_Section):
+    initial_s: PositiveFloat = 0.5
+    max_s: PositiveFloat = 30.0
+    jitter: float = Field(0.2, ge=0, le=1, description="± fraction of the delay, so cameras do not retry in step")
+
+    @model_validator(mode="after")
+    def _order(self) -> ReconnectConfig:
+        if self.max_s < self.initial_s:
+            raise ValueError(f"max_s ({self.max_s}) must be ≥ initial_s ({self.initial_s})")
+        return self
+
+
+SOURCE_KINDS = ("v4l2", "rtsp", "http", "dir", "file")
+
+
+def source_kind(source: str) -> str:
+    s = source.strip()
+    if re.fullmatch(r"\d+", s) or re.fullmatch(r"/dev/video\d+", s):
+        return "v4l2"
+    low = s.lower()
+    if low.startswith(("rtsp://", "rtsps://")):
+        return "rtsp"
+    if low.startswith(("http://", "https://")):
+        return "http"
+    if low.startswith("dir://"):
+        return "dir"
+    if "://" in s and not low.startswith("file://"):
+        raise ValueError(f"source {source!r} has an unsupported scheme; use a V4L2 index or /dev/videoN, "
+                         "rtsp://, http(s)://, dir://FOLDER or a video file path")
+    return "file"
+
+
+class CameraConfig(_Section):
+    name: str = Field(description="letters, digits, _ and -; it is in the topic verdict.<name>")
+    source: str = Field(description="0 | /dev/videoN | rtsp://… | http(s)://… (MJPEG) | dir://FOLDER | video file")
+    roi: tuple[int, int, int, int] | None = Field(None, description="[x, y, w, h] crop in frame pixels")
+    fps: float | None = Field(None, gt=0, le=1000, description="rate cap; for files and folders the replay rate")
+    on_end: Literal["stop", "loop"] = Field("stop", description="files and folders: stop at the end or loop")
+    timeout_s: PositiveFloat = Field(10.0, description="network sources: open/read timeout before 'lost'")
+    reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source_str(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not CAMERA_NAME_RE.match(v):
+            raise ValueError(f"camera name {v!r} may use only letters, digits, _ and - (1–64 characters)")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("source is empty")
+        kind = source_kind(v)
+        if kind == "dir" and not v.strip()[len("dir://"):]:
+            raise ValueError("dir:// needs a folder, e.g. dir:///data/replay")
+        return v.strip()
+
+    @field_validator("roi")
+    @classmethod
+    def _roi(cls, v: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
+        if v is not None:
+            x, y, w, h = v
+            if x < 0 or y < 0 or w < 1 or h < 1:
+                raise ValueError(f"roi {list(v)} must be [x ≥ 0, y ≥ 0, w ≥ 1, h ≥ 1]")
+        return v
+
+    @property
+    def kind(self) -> str:
+        return source_kind(self.source)
+
+
+class PublisherConfig(_Section):
+    bind: str = Field("tcp://127.0.0.1:5555", description="ZeroMQ endpoint; tcp://HOST:* picks a free port")
+    sndhwm: int = Field(1000, ge=1, le=1_000_000, description="messages queued per subscriber before dropping")
+    sndbuf: int | None = Field(None, ge=1024, description="kernel send buffer bytes per subscriber; null = OS")
+    hwm_policy: Literal["count", "per_subscriber"] = Field(
+        "count", description="count: a message a subscriber cannot take is sent to nobody and counted; "
+        "per_subscriber: ZeroMQ's default, only the slow subscriber misses it (seen as sequence gaps)")
+    masks: Literal["fail", "all", "none"] = "fail"
+    heartbeat_s: PositiveFloat = 5.0
+    linger_ms: int = Field(1000, ge=0, le=60_000, description="at shutdown, time to flush queued messages")
+    wait_for_subscriber_s: float = Field(
+        0.0, ge=0, le=3600, description="hold cameras until a subscriber connects (replay/demo); 0 = never wait")
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, v: str) -> str:
+        if not re.match(r"^(tcp|ipc|inproc)://.+", v):
+            raise ValueError(f"bind {v!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:5555 or ipc:///run/lw.sock")
+        return v
+
+
+class MetricsConfig(_Section):
+    enabled: bool = True
+    host: str = Field("127.0.0.1", description="0.0.0.0 exposes /metrics on every interface")
+    port: int = Field(9108, ge=0, le=65535, description="0 picks a free port (logged at start)")
+
+
+class LoggingConfig(_Section):
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+
+class DaemonConfig(_Section):
+    drain_timeout_s: PositiveFloat = Field(10.0, description="on SIGTERM: finish queued frames within this")
+    stall_timeout_s: PositiveFloat = Field(30.0, description="no progress on queued frames this long → "
+                                           "stop WATCHDOG=1 pings so systemd restarts us")
+    exit_when_sources_end: bool = Field(False, description="exit 0 once every camera has ended (replay jobs)")
+
+
+class LinewatchConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False,
+        validate_assignment=True,
+    )
+
+    model: ModelConfig
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    cameras: list[CameraConfig] = Field(min_length=1)
+    publisher: PublisherConfig = Field(default_factory=PublisherConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"device {v!r} is not one of auto, cpu, cuda, cuda:N")
+        return v
+
+    @field_validator("cameras")
+    @classmethod
+    def _unique(cls, v: list[CameraConfig]) -> list[CameraConfig]:
+        seen: set[str] = set()
+        for cam in v:
+            if cam.name in seen:
+                raise ValueError(f"camera name {cam.name!r} is used twice; names must be unique")
+            seen.add(cam.name)
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's contents arrive as init kwargs; listing env first makes the environment win.
+        return (env_settings, init_settings)
+
+    def effective(self) -> dict[str, Any]:
+        """Plain data (what `check-config` prints)."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section class that a validation error location points into (for listing allowed keys)."""
+    cls: Any = LinewatchConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(cls, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        ann = fields[part].annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if cls is None:
+            return None
+    return cls
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = tuple(err.get("loc", ()))
+    where = _loc(loc)
+    if err.get("type") == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        allowed = f" (allowed: {', '.join(parent.model_fields)})" if parent is not None else ""
+        return f"{where}: unknown key{allowed}"
+    if err.get("type") == "missing":
+        return f"{where}: required key is missing"
+    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    value = err.get("input")
+    shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
+    return f"{where}: {msg}{shown}"
+
+
+def format_validation_error(exc: ValidationError, origin: str) -> str:
+    errors = exc.errors()
+    parts = [_describe(e) for e in errors[:3]]
+    more = f"; and {len(errors) - 3} more" if len(errors) > 3 else ""
+    return f"config {origin}: " + "; ".join(parts) + more
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative paths in the file are relative to the file, not to wherever the daemon was started."""
+    model = data.get("model")
+    if isinstance(model, dict):
+        for key in ("bundle", "teacher_weights"):
+            if isinstance(model.get(key), str) and model[key] and not Path(model[key]).is_absolute():
+                model[key] = str(base / model[key])
+    cams = data.get("cameras")
+    if isinstance(cams, list):
+        for cam in cams:
+            if not isinstance(cam, dict) or not isinstance(cam.get("source"), str):
+                continue
+            src = cam["source"].strip()
+            try:
+                kind = source_kind(src)
+            except ValueError:
+                continue
+            if kind == "dir":
+                p = src[len("dir://"):]
+                if p and not Path(p).is_absolute():
+                    cam["source"] = "dir://" + str(base / p)
+            elif kind == "file":
+                p = src[len("file://"):] if src.lower().startswith("file://") else src
+                if not Path(p).is_absolute():
+                    cam["source"] = str(base / p)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        hint = " (the default); pass --config FILE" if path == DEFAULT_CONFIG_PATH else ""
+        raise ConfigError(f"config file {path} not found{hint}; see config/linewatch.example.yaml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a YAML mapping (key: value), not a {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, env: bool = True) -> LinewatchConfig:
+    """Read, merge with the environment, validate. Raises :class:`ConfigError` with a one-line message."""
+    p = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    data = _read_yaml(p)
+    _resolve_paths(data, p.resolve().parent)
+    return config_from_dict(data, origin=str(p), env=env)
+
+
+def config_from_dict(data: dict[str, Any], origin: str = "<dict>", env: bool = True) -> LinewatchConfig:
+    try:
+        if env:
+            return LinewatchConfig(**data)
+        # Without the environment: exactly what was given (an unused prefix switches env lookups off).
+        return LinewatchConfig(_env_prefix="LINEWATCH_NO_ENV_OVERRIDES_", **data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, origin)) from None
+    except SettingsError as exc:  # e.g. LINEWATCH_CAMERAS holding malformed JSON
+        raise ConfigError(f"config {origin}: {str(exc).splitlines()[0]}; "
+                          f"check the {ENV_PREFIX}… environment variables") from None
