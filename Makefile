@@ -39,8 +39,12 @@ test: weights sysdeps
 	$(BIN)/ruff check linewatch tests
 	$(BIN)/pytest -q
 
-# Until the streaming demo lands: calibrate → evaluate → infer on MVTec AD bottle.
-demo: demo-bottle
+# The main job end to end on real data: calibrate a station on good ELPV solar cells (fetched from
+# PyPI), stream held-out good and defective cells through the real daemon, print verdicts and a summary.
+demo: weights
+	$(BIN)/python -m linewatch.demo --out demo-out/elpv
+
+# MVTec AD bottle from ../shared: calibrate → evaluate (AUROC, PRO) → infer overlays.
 
 demo-bottle: weights
 	@test -d $(BOTTLE)/train/good || { echo "MVTec bottle not found at $(BOTTLE) (set BOTTLE=...)"; exit 2; }

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from linewatch.data import ImageSet, list_images, load_images
+from linewatch.data import ImageSet, grey, list_images, load_images, sharpness
 from linewatch.errors import DataError
 from linewatch.model.backbones import load_teacher
 from linewatch.model.bundle import BundleMeta, Calibration, load_bundle, save_bundle
@@ -59,8 +59,8 @@ def conformal_threshold(scores: np.ndarray | list[float], alpha: float) -> Confo
     return ConformalThreshold(threshold=float(s[k - 1]), k=k, n=n, bound=1.0 - k / (n + 1), warning=warning)
 
 
-def fit_calibration(scores: np.ndarray, maps: np.ndarray, alpha: float, pixel_alpha: float
-                    ) -> tuple[Calibration, ConformalThreshold]:
+def fit_calibration(scores: np.ndarray, maps: np.ndarray, alpha: float, pixel_alpha: float,
+                    images: np.ndarray | None = None) -> tuple[Calibration, ConformalThreshold]:
     """Image threshold (conformal) and pixel threshold: the (1−pixel_alpha) quantile of good-part pixels,
     never above the image threshold so every failing part gets a non-empty defect mask."""
     ct = conformal_threshold(scores, alpha)
@@ -71,6 +71,10 @@ def fit_calibration(scores: np.ndarray, maps: np.ndarray, alpha: float, pixel_al
         "n": float(len(s)), "mean": float(s.mean()), "std": float(s.std()), "median": float(np.median(s)),
         "min": float(s[0]), "max": float(s[-1]),
     }
+    if images is not None and len(images):
+        # the daemon's blurred-camera check compares live frames against this
+        stats["sharpness_median"] = float(np.median([sharpness(im) for im in images]))
+        stats["brightness_median"] = float(np.median([float(grey(im).mean()) for im in images]))
     cal = Calibration(
         image_threshold=ct.threshold, pixel_threshold=pixel_threshold, alpha=alpha,
         false_reject_bound=ct.bound, scores=[float(x) for x in s], pixel_alpha=pixel_alpha, stats=stats,
@@ -168,7 +172,8 @@ def calibrate_station(normal_dir: str | os.PathLike, out: str | os.PathLike, opt
     )
     detector = Detector(model, meta, model_id="unsaved", device=device)
     pred = detector.predict_many(data.images[cal_idx])
-    cal, ct = fit_calibration(pred.scores.numpy(), pred.maps.numpy(), opts.alpha, opts.pixel_alpha)
+    cal, ct = fit_calibration(pred.scores.numpy(), pred.maps.numpy(), opts.alpha, opts.pixel_alpha,
+                              data.images[cal_idx])
     meta.calibration = cal
     save_bundle(out, model.students.state_dict(), meta)
     report = CalibrateReport(n, len(train_idx), len(val_idx), len(cal_idx), data.skipped, result, cal, ct,
@@ -187,7 +192,7 @@ def recalibrate_thresholds(model_path: str | os.PathLike, normal_dir: str | os.P
     detector = load_detector(model_path, opts.device, opts.teacher_weights)
     data = _load(normal_dir, detector.input_size, opts.max_images, opts.progress)
     pred = detector.predict_many(data.images)
-    cal, ct = fit_calibration(pred.scores.numpy(), pred.maps.numpy(), opts.alpha, opts.pixel_alpha)
+    cal, ct = fit_calibration(pred.scores.numpy(), pred.maps.numpy(), opts.alpha, opts.pixel_alpha, data.images)
     bundle = load_bundle(model_path)
     bundle.meta.calibration = cal
     bundle.meta.training["recalibrated"] = {"normal_dir": str(Path(normal_dir).resolve()), "n_cal": len(data.paths),

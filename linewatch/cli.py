@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         cli_daemon = None
     if cli_daemon is not None:
         cli_daemon.register(sub)
+    from linewatch import bench  # `linewatch bench`: heavy imports stay inside its handler
+
+    bench.register(sub)
     return parser
 
 

@@ -65,15 +65,23 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
             raise LinewatchError(f"cannot create --save-masks folder {save} ({exc.strerror})") from None
     n = 0
     got_any = False
-    with Subscriber(args.endpoint, cameras=[args.camera] if args.camera else None, status=args.status) as sub:
+    curve = None
+    if args.server_key:
+        curve = {"server_public_key": args.server_key, "client_secret_key": args.client_key}
+    elif args.client_key:
+        raise LinewatchError("--client-key needs --server-key (the daemon's server.key)")
+    with Subscriber(args.endpoint, cameras=[args.camera] if args.camera else None, status=args.status,
+                    curve=curve) as sub:
         try:
             while args.count is None or n < args.count:
                 msg = sub.recv(args.timeout)
                 if msg is None:
                     what = "message" if got_any else "verdict"
+                    hint = "; is `linewatch run` running and publisher.bind reachable?"
+                    if sub.handshake_failures:
+                        hint = f"; {sub.last_error}"
                     print(f"linewatch: no {what} within {args.timeout:g} s from {args.endpoint}"
-                          + ("" if got_any else "; is `linewatch run` running and publisher.bind reachable?"),
-                          file=sys.stderr)
+                          + ("" if got_any else hint), file=sys.stderr)
                     return 1 if (args.count is not None or not got_any) else 0
                 got_any = True
                 if isinstance(msg, Status):
@@ -110,6 +118,15 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from linewatch.security import generate_keypair, read_public_key
+
+    public, secret = generate_keypair(args.dir, args.name, force=args.force)
+    print(f"public key  {public}  {read_public_key(public).decode('ascii')}")
+    print(f"secret key  {secret}  (mode 0600: keep it on this host)")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("run", help="run the streaming inspection daemon",
                               description="Capture → micro-batched inference → ZeroMQ verdicts + Prometheus.")
@@ -130,7 +147,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds without a message")
     p.add_argument("--status", action="store_true", help="also print heartbeats and camera up/down")
     p.add_argument("--json", action="store_true", help="print each message header as one JSON line")
+    p.add_argument("--server-key", metavar="FILE", help="the daemon's CURVE public key (server.key) when it "
+                   "sets publisher.curve")
+    p.add_argument("--client-key", metavar="FILE", help="this client's secret key (NAME.key_secret) when the "
+                   "daemon admits only listed clients (publisher.curve.authorized_clients_dir)")
     p.set_defaults(func=cmd_subscribe)
+
+    p = subparsers.add_parser("keys", help="CURVE keys for the verdict socket")
+    ksub = p.add_subparsers(dest="keys_command", required=True)
+    k = ksub.add_parser("generate", help="write NAME.key (public) and NAME.key_secret (secret, mode 0600)",
+                        description="Generate a CURVE key pair in ZeroMQ's certificate format. The daemon uses "
+                        "server.key_secret (publisher.curve.server_secret_key) and gives server.key to its "
+                        "subscribers; each subscriber keeps its NAME.key_secret and NAME.key goes into the "
+                        "daemon's publisher.curve.authorized_clients_dir.")
+    k.add_argument("--dir", required=True, metavar="DIR", help="folder for the two files (created if missing)")
+    k.add_argument("--name", default="server", help="file name stem, e.g. server or a client's name "
+                   "(default: %(default)s)")
+    k.add_argument("--force", action="store_true", help="replace existing files with a new key pair")
+    k.set_defaults(func=cmd_keys_generate)
+
+    from linewatch.soak import register as register_soak
+
+    register_soak(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,13 +28,18 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
+    # allow_inf_nan=False: every time and size in the config is finite (a wait of .inf is no bound)
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
     bundle: Path = Field(description="model bundle written by `linewatch calibrate`")
     teacher_weights: Path | None = Field(
         None, description="ImageNet weights of the backbone; default: $TORCH_HOME/hub/checkpoints/<file>")
+    engine: Literal["auto", "eager", "jit", "compile", "reference"] = Field(
+        "auto", description="how the model runs: auto (what measured fastest for the backbone and device), "
+        "eager (BatchNorm folded), jit (TorchScript, CPU), compile (torch.compile: needs a C++ compiler, slow "
+        "start), reference (unoptimised); see docs/performance.md")
 
 
 class BatchingConfig(_Section):
@@ -106,6 +111,8 @@ class CameraConfig(_Section):
         kind = source_kind(v)
         if kind == "dir" and not v.strip()[len("dir://"):]:
             raise ValueError("dir:// needs a folder, e.g. dir:///data/replay")
+        if kind == "v4l2" and int(re.sub(r"\D", "", v) or 0) > 4095:
+            raise ValueError(f"V4L2 device index {v.strip()} is out of range (0–4095)")
         return v.strip()
 
     @field_validator("roi")
@@ -122,6 +129,16 @@ class CameraConfig(_Section):
         return source_kind(self.source)
 
 
+class CurveConfig(_Section):
+    """ZeroMQ CURVE on the verdict socket: encryption, and optionally client authentication."""
+
+    server_secret_key: Path = Field(description="server.key_secret from `linewatch keys generate --name server`; "
+                                    "mode 0600 or 0640")
+    authorized_clients_dir: Path | None = Field(
+        None, description="folder of client public keys (*.key) allowed to subscribe; null = any client that "
+        "knows the server's public key (encryption without client authentication)")
+
+
 class PublisherConfig(_Section):
     bind: str = Field("tcp://127.0.0.1:5555", description="ZeroMQ endpoint; tcp://HOST:* picks a free port")
     sndhwm: int = Field(1000, ge=1, le=1_000_000, description="messages queued per subscriber before dropping")
@@ -134,6 +151,7 @@ class PublisherConfig(_Section):
     linger_ms: int = Field(1000, ge=0, le=60_000, description="at shutdown, time to flush queued messages")
     wait_for_subscriber_s: float = Field(
         0.0, ge=0, le=3600, description="hold cameras until a subscriber connects (replay/demo); 0 = never wait")
+    curve: CurveConfig | None = Field(None, description="CURVE encryption/authentication; null = plain TCP")
 
     @field_validator("bind")
     @classmethod
@@ -166,6 +184,31 @@ class DaemonConfig(_Section):
     exit_when_sources_end: bool = Field(False, description="exit 0 once every camera has ended (replay jobs)")
 
 
+class HealthConfig(_Section):
+    """Drift and camera-health checks, on a sample of frames in their own thread (off the inference path)."""
+
+    enabled: bool = True
+    window: int = Field(500, ge=10, le=100_000, description="verdicts per camera in the rolling fail rate / median")
+    queue: int = Field(64, ge=1, le=10_000, description="frames waiting for the health thread; full = skip the check")
+    black_level: float = Field(8.0, ge=0, le=255, description="mean grey level below which a frame is black")
+    frozen_diff: float = Field(0.05, ge=0, le=255, description="mean |frame − previous| (grey levels) under which "
+                               "two frames count as identical")
+    frozen_frames: int = Field(50, ge=2, le=100_000, description="identical frames in a row → camera frozen")
+    blur_ratio: float = Field(0.3, gt=0, le=1, description="sharpness below this fraction of the calibration "
+                              "images' median → blurred (needs a bundle calibrated by linewatch ≥ 0.1)")
+    bad_frames: int = Field(10, ge=1, le=100_000, description="black/blurred frames in a row before it is reported")
+
+
+class ArchiveConfig(_Section):
+    """Failing frames saved with mask, overlay and header JSON: evidence and re-calibration material."""
+
+    enabled: bool = False
+    dir: Path = Field(Path("/var/lib/linewatch/rejects"), description="archive root (created if missing)")
+    max_mb: float = Field(2048.0, gt=0, description="disk cap; oldest entries are deleted first")
+    max_age_days: float = Field(30.0, gt=0, description="entries older than this are deleted")
+    queue: int = Field(64, ge=1, le=10_000, description="failing frames waiting to be written; full = drop oldest")
+
+
 class LinewatchConfig(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False,
@@ -180,6 +223,8 @@ class LinewatchConfig(BaseSettings):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    archive: ArchiveConfig = Field(default_factory=ArchiveConfig)
 
     @field_validator("device")
     @classmethod
@@ -221,7 +266,10 @@ def _loc(loc: tuple[Any, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
+            text = str(part)
+            if not text.isprintable() or not text or any(c.isspace() for c in text):
+                text = repr(text)  # a key with a newline (or nothing) must not break the one-line message
+            out += ("." if out else "") + text
     return out or "(top level)"
 
 
@@ -262,7 +310,8 @@ def format_validation_error(exc: ValidationError, origin: str) -> str:
     errors = exc.errors()
     parts = [_describe(e) for e in errors[:3]]
     more = f"; and {len(errors) - 3} more" if len(errors) > 3 else ""
-    return f"config {origin}: " + "; ".join(parts) + more
+    text = f"config {origin}: " + "; ".join(parts) + more
+    return text.replace("\r", "\\r").replace("\n", "\\n")  # always one line
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
@@ -272,6 +321,14 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         for key in ("bundle", "teacher_weights"):
             if isinstance(model.get(key), str) and model[key] and not Path(model[key]).is_absolute():
                 model[key] = str(base / model[key])
+    curve = data.get("publisher", {}).get("curve") if isinstance(data.get("publisher"), dict) else None
+    if isinstance(curve, dict):
+        for key in ("server_secret_key", "authorized_clients_dir"):
+            if isinstance(curve.get(key), str) and curve[key] and not Path(curve[key]).is_absolute():
+                curve[key] = str(base / curve[key])
+    archive = data.get("archive")
+    if isinstance(archive, dict) and isinstance(archive.get("dir"), str) and not Path(archive["dir"]).is_absolute():
+        archive["dir"] = str(base / archive["dir"])
     cams = data.get("cameras")
     if isinstance(cams, list):
         for cam in cams:
@@ -293,15 +350,25 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError) as exc:  # e.g. a NUL byte in the name
+        raise ConfigError(f"config file {path!r} cannot be used ({exc})") from None
+    if not exists:
         hint = " (the default); pass --config FILE" if path == DEFAULT_CONFIG_PATH else ""
         raise ConfigError(f"config file {path} not found{hint}; see config/linewatch.example.yaml")
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; is it the right file?")
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} cannot be read ({exc})") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -322,7 +389,36 @@ def load_config(path: str | os.PathLike | None = None, env: bool = True) -> Line
     return config_from_dict(data, origin=str(p), env=env)
 
 
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000  # YAML aliases can make a small file expand into a huge structure
+MAX_CONFIG_DEPTH = 32
+
+
+def _check_plain(data: Any, origin: str) -> None:
+    """Before validation: keys are strings, no NUL characters, bounded size and depth (so that aliases,
+    self-references and deep nesting give a one-line ConfigError instead of a hang or a RecursionError)."""
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(data, ())]
+    seen = 0
+    while stack:
+        obj, loc = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise ConfigError(f"config {origin}: more than {MAX_CONFIG_VALUES} values (YAML aliases?)")
+        if len(loc) > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"config {origin}: {_loc(loc[:4])}…: nested deeper than {MAX_CONFIG_DEPTH} levels")
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if not isinstance(k, str):
+                    raise ConfigError(f"config {origin}: {_loc(loc)}: key {k!r} is not a string")
+                stack.append((v, (*loc, k)))
+        elif isinstance(obj, (list, tuple)):
+            stack.extend((v, (*loc, i)) for i, v in enumerate(obj))
+        elif isinstance(obj, str) and "\x00" in obj:
+            raise ConfigError(f"config {origin}: {_loc(loc)}: contains a NUL character")
+
+
 def config_from_dict(data: dict[str, Any], origin: str = "<dict>", env: bool = True) -> LinewatchConfig:
+    _check_plain(data, origin)
     try:
         if env:
             return LinewatchConfig(**data)
@@ -333,3 +429,5 @@ def config_from_dict(data: dict[str, Any], origin: str = "<dict>", env: bool = T
     except SettingsError as exc:  # e.g. LINEWATCH_CAMERAS holding malformed JSON
         raise ConfigError(f"config {origin}: {str(exc).splitlines()[0]}; "
                           f"check the {ENV_PREFIX}… environment variables") from None
+    except RecursionError:
+        raise ConfigError(f"config {origin}: nested too deeply") from None

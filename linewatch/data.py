@@ -91,3 +91,13 @@ def load_images(paths: Iterable[Path], size: tuple[int, int], progress: bool = F
         out[len(kept)] = resize(img, size)
         kept.append(p)
     return ImageSet(images=out[: len(kept)], paths=kept, skipped=skipped)
+
+
+def grey(img: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(img, cv2.COLOR_RGB2GRAY) if img.ndim == 3 else img
+
+
+def sharpness(img: np.ndarray) -> float:
+    """Variance of the Laplacian of the grey image: falls when the image is out of focus or smeared.
+    Calibration stores the good parts' median so the daemon can tell a blurred camera."""
+    return float(cv2.Laplacian(grey(img), cv2.CV_32F).var())

@@ -29,7 +29,8 @@ MAX_HEADER_BYTES = 1 << 20  # a header is ~1 KB; anything near this is garbage, 
 MAX_BOXES = 32  # boxes per verdict (largest first); n_regions tells how many there were in all
 CAMERA_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no dots: topics stay unambiguous
 VERDICTS = ("pass", "fail")
-STATUS_KINDS = ("heartbeat", "camera", "lifecycle")
+STATUS_KINDS = ("heartbeat", "camera", "lifecycle", "health")
+CONDITIONS = ("ok", "black", "frozen", "blurred")  # camera health, kind "health"
 CAMERA_STATES = ("starting", "up", "down", "ended")
 LIFECYCLE_STATES = ("starting", "ready", "stopping", "stopped")
 
@@ -103,6 +104,12 @@ class Status:
     dropped: int | None = None
     cameras: dict[str, str] | None = None
     model_id: str | None = None
+    # kind "health" (per camera, on every change of condition) and in heartbeats (per camera, under
+    # "health"): what the line is seeing compared with calibration
+    condition: str | None = None  # ok | black | frozen | blurred
+    fail_rate: float | None = None  # rolling fraction of fails over the last health.window verdicts
+    score_median_ratio: float | None = None  # rolling median score / calibration median score
+    health: dict[str, dict[str, Any]] | None = None
     schema: int = SCHEMA_VERSION
 
 
@@ -163,10 +170,12 @@ def encode_status(s: Status) -> list[bytes]:
     _check_status(s)
     header: dict[str, Any] = {"schema": SCHEMA_VERSION, "type": "status", "kind": s.kind, "time": float(s.time),
                               "run_id": s.run_id}
-    for name in ("camera", "state", "reason", "uptime_s", "frames", "fps", "dropped", "cameras", "model_id"):
+    for name in ("camera", "state", "reason", "uptime_s", "frames", "fps", "dropped", "cameras", "model_id",
+                 "condition", "fail_rate", "score_median_ratio", "health"):
         value = getattr(s, name)
         if value is not None:
-            header[name] = _finite_or_none(value) if name in ("uptime_s", "fps") else value
+            header[name] = (_finite_or_none(value) if name in ("uptime_s", "fps", "fail_rate", "score_median_ratio")
+                            else value)
     return [STATUS_TOPIC.encode("ascii"), _dumps(header)]
 
 
@@ -289,6 +298,15 @@ def _check_status(s: Status) -> None:
             raise MessageError(f"camera state {s.state!r} is not one of {', '.join(CAMERA_STATES)}")
     elif s.kind == "lifecycle" and s.state not in LIFECYCLE_STATES:
         raise MessageError(f"lifecycle state {s.state!r} is not one of {', '.join(LIFECYCLE_STATES)}")
+    elif s.kind == "health":
+        if not s.camera or not CAMERA_NAME_RE.match(s.camera):
+            raise MessageError("health status without a valid camera name")
+        if s.condition not in CONDITIONS:
+            raise MessageError(f"condition {s.condition!r} is not one of {', '.join(CONDITIONS)}")
+    if s.health is not None and not (
+        isinstance(s.health, dict) and all(isinstance(k, str) and isinstance(v, dict) for k, v in s.health.items())
+    ):
+        raise MessageError("health must map camera names to objects")
     if s.cameras is not None and not (
         isinstance(s.cameras, dict)
         and all(isinstance(k, str) and v in CAMERA_STATES for k, v in s.cameras.items())
@@ -312,6 +330,10 @@ def _decode_status(h: dict[str, Any]) -> Status:
         dropped=dropped,
         cameras=_get(h, "cameras", dict, optional=True),
         model_id=_get(h, "model_id", str, optional=True),
+        condition=_get(h, "condition", str, optional=True),
+        fail_rate=_num(h, "fail_rate", optional=True),
+        score_median_ratio=_num(h, "score_median_ratio", optional=True),
+        health=_get(h, "health", dict, optional=True),
     )
     _check_status(s)
     return s

@@ -38,6 +38,15 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 # Raw scores live on a model-specific scale, so the distribution is kept as score / image threshold:
 # 1.0 is the decision boundary whatever the model, and the buckets are dense around it.
 SCORE_RATIO_BUCKETS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2, 1.5, 2.0, 3.0, 5.0)
+# Where a frame's time goes (``linewatch_stage_seconds_total{stage}``, `linewatch bench --profile`):
+#   read         source.read(): file/JPEG decode; for live cameras also the wait for the next frame
+#   prepare      ROI crop, resize to the model input, RGB (capture thread)
+#   queue_wait   frame queue → batch (per frame)
+#   preprocess   batch assembly into the reused (pinned on CUDA) uint8 buffer (worker)
+#   forward      Detector.predict: upload, normalisation, teacher+student, anomaly map, download (per batch)
+#   postprocess  threshold, defect regions, verdict, metrics (worker, per frame)
+#   publish      mask PNG, header JSON, ZeroMQ send (publisher thread, per verdict)
+STAGES = ("read", "prepare", "queue_wait", "preprocess", "forward", "postprocess", "publish")
 
 
 class Metrics:
@@ -77,6 +86,43 @@ class Metrics:
                                registry=r)
         self.start_time = Gauge("linewatch_start_time_seconds", "Unix time the daemon started", registry=r)
         self.model_info = Info("linewatch_model", "The loaded model bundle", registry=r)
+        # a counter per stage (not a histogram): one addition per frame or batch, cheap enough to stay on
+        self.stage_seconds = Counter("linewatch_stage_seconds", "Seconds spent per pipeline stage, summed over "
+                                     "frames (÷ frames = per-frame cost); stages: " + ", ".join(STAGES),
+                                     ["stage"], registry=r)
+        self.stage = {name: self.stage_seconds.labels(name) for name in STAGES}
+        # reliability: out-of-memory handling, model reloads (SIGHUP), subscriber authentication
+        self.oom = Counter("linewatch_oom", "Inference batches that ran out of (GPU) memory and were split "
+                           "and retried at a smaller size", registry=r)
+        self.effective_max_batch = Gauge("linewatch_effective_max_batch", "Largest batch the worker currently "
+                                         "sends to the model (lowered after an out-of-memory error)", registry=r)
+        self.model_reloads = Counter("linewatch_model_reload", "Model reload attempts (SIGHUP), by result: ok, "
+                                     "unchanged, rejected", ["result"], registry=r)
+        self.auth_refused = Counter("linewatch_subscribers_refused", "Subscriber connections refused by CURVE "
+                                    "client authentication (key not in publisher.curve.authorized_clients_dir)",
+                                    registry=r)
+        # drift and camera health (linewatch.pipeline.health)
+        self.fail_rate = Gauge("linewatch_fail_rate", "Rolling fraction of fails over the last health.window "
+                               "verdicts", ["camera"], registry=r)
+        self.score_median_ratio = Gauge("linewatch_score_median_ratio", "Rolling median score / the calibration "
+                                        "images' median score (drift: ~1 when the line looks like calibration)",
+                                        ["camera"], registry=r)
+        self.condition = Gauge("linewatch_camera_condition", "1 for the camera's current image condition "
+                               "(ok, black, frozen, blurred)", ["camera", "condition"], registry=r)
+        self.brightness = Gauge("linewatch_frame_brightness", "Mean grey level (0-255) of the last checked frame",
+                                ["camera"], registry=r)
+        self.sharpness_ratio = Gauge("linewatch_frame_sharpness_ratio", "Sharpness of the last checked frame / "
+                                     "calibration median", ["camera"], registry=r)
+        self.health_skipped = Counter("linewatch_health_skipped", "Frames not health-checked because the health "
+                                      "thread was busy (checks are sampled; verdicts unaffected)", registry=r)
+        # reject archive (linewatch.pipeline.archive)
+        self.archive_written = Counter("linewatch_archive_written", "Failing frames saved to the reject archive",
+                                       registry=r)
+        self.archive_deleted = Counter("linewatch_archive_deleted", "Archive entries deleted, by reason",
+                                       ["reason"], registry=r)
+        self.archive_dropped = Counter("linewatch_archive_dropped", "Failing frames not archived, by reason",
+                                       ["reason"], registry=r)
+        self.archive_bytes = Gauge("linewatch_archive_bytes", "Bytes held in the reject archive", registry=r)
         self._lock = threading.Lock()
 
     def init_cameras(self, cameras: Iterable[str]) -> None:
@@ -93,12 +139,20 @@ class Metrics:
             self.camera_up.labels(cam).set(0)
             self.latency.labels(cam)
             self.score_ratio.labels(cam)
+            for cond in ("ok", "black", "frozen", "blurred"):
+                self.condition.labels(cam, cond).set(1 if cond == "ok" else 0)
         for q in ("frames", "publish"):
             self.queue_depth.labels(q).set(0)
+        for reason in ("age", "size"):
+            self.archive_deleted.labels(reason)
+        for reason in ("queue_full", "write_error"):
+            self.archive_dropped.labels(reason)
         for topic in ("verdict", "status"):
             self.published.labels(topic)
         for reason in ("queue_full", "publish_hwm", "publish_error"):
             self.status_dropped.labels(reason)
+        for result in ("ok", "unchanged", "rejected"):
+            self.model_reloads.labels(result)
 
     def drop(self, camera: str, reason: str, n: int = 1) -> None:
         self.dropped.labels(camera, reason).inc(n)

@@ -26,7 +26,7 @@ def make(tmp_path, **kw):
     metrics = Metrics()
     metrics.init_cameras(["cam"])
     cfg = ArchiveConfig(enabled=True, dir=tmp_path / "rejects", **kw)
-    arch = RejectArchive(cfg, metrics, image_threshold=1.0, pixel_threshold=0.8)
+    arch = RejectArchive(cfg, metrics, pixel_threshold=0.8)
     return arch, metrics
 
 

@@ -179,9 +179,9 @@ def test_unit_settings():
     args = build_parser().parse_args(exec_start[1:])
     assert args.command == "run" and args.config == str(DEFAULT_CONFIG_PATH)
     assert unit_value(s, "EnvironmentFile") == "-/etc/linewatch/linewatch.env"
-    # reload is reserved: the daemon does not handle SIGHUP yet; Python's default action ends it, and
-    # systemd counts death by SIGHUP as a clean exit (no restart) — `systemctl reload` would stop inspection
-    assert unit_value(s, "ExecReload") is None, "enable ExecReload= only once the daemon handles SIGHUP"
+    # `systemctl reload` = SIGHUP to the main process: the daemon reloads its model on it (and must never
+    # be ended by it: tests/test_faults.py sends SIGHUP to a running daemon)
+    assert shlex.split(unit_value(s, "ExecReload")) == ["/bin/kill", "-HUP", "$MAINPID"]
 
     assert unit_value(s, "User") == "linewatch" and unit_value(s, "Group") == "linewatch"
     assert unit_value(s, "DynamicUser") in (None, "no")

@@ -109,6 +109,47 @@ class LoadedBundle:
     path: Path
 
 
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _meta_problem(meta: BundleMeta) -> str | None:
+    """What is wrong with a header that parsed (types and ranges), or None. A bundle is data from a file:
+    nothing in it may make the loader build something absurd (10⁹ students) or fail later, mid-stream."""
+    if not isinstance(meta.backbone, str) or not meta.backbone:
+        return "backbone is not a name"
+    if not isinstance(meta.teacher_sha256, str) or len(meta.teacher_sha256) != 64 or \
+            any(c not in "0123456789abcdef" for c in meta.teacher_sha256):
+        return "teacher_sha256 is not a sha256"
+    size = meta.input_size
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and 16 <= v <= 4096 for v in size):
+        return f"input_size {list(size)!r} is not two integers in 16..4096"
+    for name in ("mean", "std"):
+        vals = getattr(meta, name)
+        if len(vals) != 3 or not all(_finite(v) for v in vals):
+            return f"{name} is not three finite numbers"
+    if not all(v > 0 for v in meta.std):
+        return "std must be positive"
+    if not isinstance(meta.n_students, int) or isinstance(meta.n_students, bool) or not 1 <= meta.n_students <= 64:
+        return f"n_students {meta.n_students!r} is not an integer in 1..64"
+    if not _finite(meta.blur_sigma) or not 0 <= meta.blur_sigma <= 64:
+        return f"blur_sigma {meta.blur_sigma!r} is not a number in 0..64"
+    if not isinstance(meta.training, dict):
+        return "training is not an object"
+    cal = meta.calibration
+    if cal is not None:
+        for name in ("image_threshold", "pixel_threshold", "alpha", "false_reject_bound", "pixel_alpha"):
+            if not _finite(getattr(cal, name)):
+                return f"invalid {name} ({getattr(cal, name)!r})"
+        if not isinstance(cal.scores, list) or not all(_finite(v) for v in cal.scores):
+            return "calibration scores are not a list of finite numbers"
+        if cal.scores != sorted(cal.scores):
+            return "calibration scores are not sorted"
+        if not isinstance(cal.stats, dict):
+            return "calibration stats is not an object"
+    return None
+
+
 def load_bundle(path: str | os.PathLike) -> LoadedBundle:
     path = Path(path)
     fix = "re-create it with `linewatch calibrate`"
@@ -140,10 +181,8 @@ def load_bundle(path: str | os.PathLike) -> LoadedBundle:
         raise
     except Exception as exc:
         raise BundleError(f"model file {path} has an unreadable header ({exc}); {fix}") from None
-    if meta.calibration is not None:
-        for name in ("image_threshold", "pixel_threshold"):
-            v = getattr(meta.calibration, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise BundleError(f"model file {path} has an invalid {name} ({v!r}); {fix}")
+    problem = _meta_problem(meta)
+    if problem:
+        raise BundleError(f"model file {path} has an invalid header ({problem}); {fix}")
     model_id = hashlib.sha256(raw).hexdigest()[:12]
     return LoadedBundle(meta=meta, students_state=tensors, model_id=model_id, path=path)

@@ -48,14 +48,13 @@ def _dir_size(p: Path) -> int:
 
 
 class RejectArchive(threading.Thread):
-    def __init__(self, cfg: ArchiveConfig, metrics: Metrics, image_threshold: float, pixel_threshold: float):
+    def __init__(self, cfg: ArchiveConfig, metrics: Metrics, pixel_threshold: float):
         super().__init__(name="archive", daemon=True)
         self.root = Path(cfg.dir)
         self.max_bytes = int(cfg.max_mb * 1024 * 1024)
         self.max_age_s = cfg.max_age_days * 86400.0
         self.metrics = metrics
-        self.image_threshold = image_threshold
-        self.pixel_threshold = pixel_threshold
+        self.pixel_threshold = pixel_threshold  # only for verdicts that carry none
         self._pending: deque = deque(maxlen=cfg.queue)
         self._cv = threading.Condition()
         self._stop_event = threading.Event()
@@ -113,9 +112,11 @@ class RejectArchive(threading.Thread):
         try:
             path.mkdir(parents=True, exist_ok=True)
             write_png(path / "image.png", image)
-            write_png(path / "overlay.png", overlay(image, amap, self.image_threshold, self.pixel_threshold,
-                                                    v.verdict, v.score))
-            write_png(path / "mask.png", ((amap > self.pixel_threshold) * 255).astype(np.uint8))
+            # the verdict's own thresholds: after a model reload, queued frames still match their model
+            thr = v.threshold
+            pix = v.pixel_threshold if v.pixel_threshold is not None else self.pixel_threshold
+            write_png(path / "overlay.png", overlay(image, amap, thr, pix, v.verdict, v.score))
+            write_png(path / "mask.png", ((amap > pix) * 255).astype(np.uint8))
             (path / "verdict.json").write_text(json.dumps(verdict_to_dict(v), indent=1, default=str))
             size = _dir_size(path)
         except OSError as exc:

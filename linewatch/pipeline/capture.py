@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -65,7 +65,11 @@ class FrameQueue:
             raise ValueError("maxsize must be ≥ 1")
         self.maxsize = maxsize
         self._metrics = metrics
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # the worker waits here for frames
+        # sources that hold frames back instead of having them dropped (wait_for_room) wait on their own
+        # condition over the same lock, so a put()'s notify() always reaches the worker
+        self._room = threading.Condition(lock)
         self._queues: dict[str, deque[Frame]] = {}
         self._n = 0
         self._order = itertools.count()
@@ -103,6 +107,7 @@ class FrameQueue:
                 best = dq
         assert best is not None
         self._n -= 1
+        self._room.notify_all()  # a source waiting in wait_for_room may go on (no waiters: nearly free)
         return best.popleft()
 
     def get_batch(self, max_batch: int, max_wait_s: float, timeout_s: float) -> list[Frame]:
@@ -136,6 +141,19 @@ class FrameQueue:
                 out.append(self._pop_oldest())
             self._depth()
             return out
+
+    def wait_for_room(self, camera: str, timeout: float) -> bool:
+        """Wait ≤ ``timeout`` s until ``camera``'s deque has room; True if it has. For sources that can hold
+        a frame back rather than have the oldest dropped: a camera triggered when the inspection is ready
+        (how `linewatch bench` measures capacity)."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while len(self._queues.get(camera, ())) >= self.maxsize:
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._room.wait(remaining)
+            return True
 
     def wake(self) -> None:
         with self._cond:
@@ -245,6 +263,21 @@ class DirSource:
         self._files = []
 
 
+def redact_url(url: str) -> str:
+    """``scheme://user:password@host:port/path`` → ``scheme://host:port/path`` (for logs and messages)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if not parts.scheme or "@" not in parts.netloc:
+            return url
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"  # IPv6
+        netloc = host + (f":{parts.port}" if parts.port is not None else "")
+    except ValueError:  # e.g. a port that is not a number
+        return url.split("://", 1)[0] + "://" + url.rsplit("@", 1)[-1] if "@" in url else url
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
 def _v4l2_index(source: str) -> int:
     m = re.search(r"(\d+)$", source)
     assert m is not None
@@ -260,7 +293,7 @@ class OpenCVSource:
         self.timeout_ms = int(timeout_s * 1000)
         self.loop = loop
         self.paced = kind == "file"
-        self.description = source
+        self.description = redact_url(source)  # rtsp://user:password@… : the password never reaches the logs
         self._cap: cv2.VideoCapture | None = None
         self._index = 0
 
@@ -280,7 +313,7 @@ class OpenCVSource:
             cap = cv2.VideoCapture(self.source, cv2.CAP_FFMPEG, params)
         if not cap.isOpened():
             cap.release()
-            raise SourceError(f"cannot open {self.source}")
+            raise SourceError(f"cannot open {self.description}")
         if self.kind != "file":
             cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # hold as little as possible: we want the newest frame
         self._cap = cap
@@ -294,7 +327,7 @@ class OpenCVSource:
             ref = f"{self._path().name}#{self._index - 1}" if self.kind == "file" else None
             return RawFrame(img, rgb=False, ref=ref)
         if self.kind != "file":
-            raise SourceLost(f"{self.source} delivered no frame within {self.timeout_ms} ms")
+            raise SourceLost(f"{self.description} delivered no frame within {self.timeout_ms} ms")
         if self._index == 0:
             raise SourceLost(f"video file {self.source} has no readable frames")
         if not self.loop:
@@ -322,7 +355,7 @@ class MJPEGSource:
         self.paced = False
         parts = urllib.parse.urlsplit(url)
         self._parts = parts
-        self.description = urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname or ""))  # no password
+        self.description = redact_url(url)  # no password
         self._conn: http.client.HTTPConnection | None = None
         self._resp: http.client.HTTPResponse | None = None
         self._boundary: bytes | None = None
@@ -440,6 +473,43 @@ class MJPEGSource:
         self._resp = None
 
 
+class MemorySource:
+    """Frames already decoded and held in memory, handed over the way a raw camera (V4L2, GigE Vision)
+    delivers them: full camera resolution, no decode. For benchmarks and tests (``linewatch bench``); it
+    is not a config source kind, a :class:`CameraThread` gets it through its ``source`` argument.
+
+    Frames are handed out in turn (looping unless ``loop`` is False), as live frames (``paced`` False: an
+    fps cap skips frames, it never waits).
+    """
+
+    paced = False
+
+    def __init__(self, frames: Sequence[np.ndarray], *, rgb: bool = True, loop: bool = True, name: str = "memory"):
+        if not frames:
+            raise ValueError("MemorySource needs at least one frame")
+        self.frames = list(frames)
+        self.rgb = rgb
+        self.loop = loop
+        h, w = self.frames[0].shape[:2]
+        self.description = f"raw://{name} ({len(self.frames)} frames {w}x{h} in memory)"
+        self._i = 0
+
+    def open(self) -> None:
+        pass
+
+    def read(self) -> RawFrame | None:
+        if self._i >= len(self.frames):
+            if not self.loop:
+                return None
+            self._i = 0
+        img = self.frames[self._i]
+        self._i += 1
+        return RawFrame(img, rgb=self.rgb)
+
+    def close(self) -> None:
+        pass
+
+
 def make_source(cfg: CameraConfig) -> Source:
     kind = cfg.kind
     if kind == "dir":
@@ -508,6 +578,8 @@ class CameraThread(threading.Thread):
         self.first_attempt = threading.Event()  # set once the first open has succeeded or failed
         self.last_frame_mono: float | None = None
         self._delivered = 0  # frames delivered since the last (re)open
+        self._stage_read = metrics.stage["read"]
+        self._stage_prepare = metrics.stage["prepare"]
         self._stop_event = threading.Event()
         self._log = log.bind(camera=cfg.name)
 
@@ -594,6 +666,7 @@ class CameraThread(threading.Thread):
                 if wait > 0 and self._stop_event.wait(wait):
                     break
                 next_due = max(next_due + period, time.monotonic() - period)  # no bursts after a stall
+            t_read = time.perf_counter()
             try:
                 raw = src.read()
             except FrameDecodeError as exc:
@@ -608,7 +681,10 @@ class CameraThread(threading.Thread):
                     continue
                 next_due = max(next_due, now - period) + period
             capture_time = time.time()
+            t_prep = time.perf_counter()
             image, frame_size, roi = prepare(raw, self.cfg.roi, self.input_size)
+            self._stage_read.inc(t_prep - t_read)
+            self._stage_prepare.inc(time.perf_counter() - t_prep)
             seq = self.sequence
             self.sequence += 1
             if self.state != "up":

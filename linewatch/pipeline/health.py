@@ -70,6 +70,11 @@ class HealthMonitor(threading.Thread):
         if self.sharpness_median is None:
             log.info("blur_check_off", reason="the model bundle has no calibration sharpness; re-calibrate to enable")
 
+    def set_calibration(self, calibration_stats: dict[str, float]) -> None:
+        """A reloaded model brings its own calibration medians; drift is measured against those."""
+        self.score_median = float(calibration_stats.get("median") or 0.0) or None
+        self.sharpness_median = float(calibration_stats.get("sharpness_median") or 0.0) or None
+
     def _cam(self, camera: str) -> _CameraState:
         st = self._cams.get(camera)
         if st is None:

@@ -10,10 +10,16 @@ silently discarded, and we count it (``linewatch_frames_dropped_total{reason="pu
 price: one stalled subscriber makes everyone miss messages while it is stalled. ``per_subscriber``
 is ZeroMQ's plain PUB behaviour: only the slow subscriber misses messages (it sees sequence gaps),
 which the daemon cannot count.
+
+With ``publisher.curve`` the socket is a CURVE server (encrypted; see README "Security"); with
+``authorized_clients_dir`` a ZAP handler (pyzmq's ThreadAuthenticator, on the same context) admits
+only the listed client keys, and refusals are counted and logged.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 import time
 from collections import deque
@@ -23,6 +29,7 @@ import cv2
 import numpy as np
 import structlog
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from linewatch.config import PublisherConfig
 from linewatch.errors import ConfigError
@@ -49,6 +56,67 @@ def encode_mask_png(mask: np.ndarray, roi: tuple[int, int, int, int] | None, fra
     return buf.tobytes()
 
 
+def _refuse_live_ipc(endpoint: str) -> None:
+    """ZeroMQ unlinks an existing ipc:// socket file before binding: good for the stale file a killed
+    daemon leaves, but a second daemon on the same path would silently take it over from a live one.
+    So: a file that accepts a connection is in use (ConfigError); one that refuses is stale (bind over it)."""
+    import socket
+
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return
+    path = endpoint[len("ipc://"):]
+    if path == "*" or not os.path.lexists(path):
+        return
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):  # ZeroMQ would delete whatever file is there
+        raise ConfigError(f"publisher cannot bind {endpoint}: {path} exists and is not a socket; "
+                          "choose another path for publisher.bind")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return  # stale (nobody listening) or not a socket: let ZeroMQ replace it
+    raise ConfigError(f"publisher cannot bind {endpoint}: another process is listening on it (is linewatch "
+                      "already running?); stop it or use another publisher.bind")
+
+
+class AuthorizedClients:
+    """The ZAP credentials provider: admits the CURVE public keys found in authorized_clients_dir.
+
+    Called on the authenticator's thread for every handshake. Refusals are counted
+    (``linewatch_subscribers_refused_total``) and logged at most once a minute per key, since a refused
+    ZeroMQ client keeps reconnecting."""
+
+    LOG_EVERY_S = 60.0
+    MAX_TRACKED = 1024
+
+    def __init__(self, keys: dict[bytes, str], metrics: Metrics):
+        self.keys = keys  # replaced whole on reload: a dict swap is atomic
+        self.metrics = metrics
+        self._logged: dict[bytes, float] = {}
+
+    def _should_log(self, key: bytes) -> bool:
+        now = time.monotonic()
+        if len(self._logged) > self.MAX_TRACKED:
+            self._logged.clear()
+        if now - self._logged.get(key, -self.LOG_EVERY_S) < self.LOG_EVERY_S:
+            return False
+        self._logged[key] = now
+        return True
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        name = self.keys.get(key)
+        if name is None:
+            self.metrics.auth_refused.inc()
+            if self._should_log(key):
+                log.warning("subscriber_refused", client_key=key.decode("ascii", "replace"),
+                            reason="key not in authorized_clients_dir")
+            return False
+        if self._should_log(key):
+            log.info("subscriber_authenticated", client=name)
+        return True
+
+
 class Publisher:
     def __init__(self, cfg: PublisherConfig, metrics: Metrics, *, queue_size: int = 256, run_id: str = "",
                  status_provider: Callable[[], Status] | None = None, context: zmq.Context | None = None):
@@ -70,8 +138,49 @@ class Publisher:
         self.subscribed = threading.Event()
         self.last_tick = time.monotonic()
         self.sent = 0
+        self._auth: ThreadAuthenticator | None = None  # ZAP handler when CURVE clients are authenticated
+        self._clients: AuthorizedClients | None = None
+        self.public_key: bytes | None = None  # the server's CURVE public key (Z85) when CURVE is on
 
     # -- setup (main thread)
+
+    def _setup_curve(self, sock: zmq.Socket) -> None:
+        """CURVE server: encrypt everything; with authorized_clients_dir, a ZAP handler admits only listed keys."""
+        from linewatch.security import load_authorized_keys, read_secret_key
+
+        curve = self.cfg.curve
+        assert curve is not None
+        if not zmq.has("curve"):
+            raise ConfigError("publisher.curve is set but this libzmq has no CURVE support; install pyzmq's wheel "
+                              "(bundled libzmq with libsodium) or drop publisher.curve")
+        public, secret = read_secret_key(curve.server_secret_key)
+        if curve.authorized_clients_dir is not None:
+            self._clients = AuthorizedClients(load_authorized_keys(curve.authorized_clients_dir), self.metrics)
+            if not self._clients.keys:
+                log.warning("no_authorized_clients", dir=str(curve.authorized_clients_dir),
+                            hint="every subscriber will be refused until a client .key is added and SIGHUP sent")
+            self._auth = ThreadAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve_callback(domain="*", credentials_provider=self._clients)
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_server = True
+        self.public_key = public
+        log.info("curve_enabled", server_public_key=public.decode("ascii"),
+                 client_auth=curve.authorized_clients_dir is not None,
+                 authorized_clients=len(self._clients.keys) if self._clients is not None else None)
+
+    def reload_authorized_clients(self) -> int | None:
+        """Re-read authorized_clients_dir (SIGHUP); the number of keys, or None without client authentication.
+        Applies to new connections; a subscriber already connected stays until it disconnects."""
+        from linewatch.security import load_authorized_keys
+
+        curve = self.cfg.curve
+        if self._clients is None or curve is None or curve.authorized_clients_dir is None:
+            return None
+        keys = load_authorized_keys(curve.authorized_clients_dir)  # raises: the old keys stay
+        self._clients.keys = keys
+        return len(keys)
 
     def bind(self) -> str:
         """Create and bind the socket; raises ConfigError with the endpoint and the fix."""
@@ -87,9 +196,15 @@ class Publisher:
         sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10000)
         try:
+            if self.cfg.curve is not None:
+                self._setup_curve(sock)
+            _refuse_live_ipc(self.cfg.bind)
             sock.bind(self.cfg.bind)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, ConfigError) as exc:
             sock.close(linger=0)
+            self._stop_auth()
+            if isinstance(exc, ConfigError):
+                raise
             raise ConfigError(f"publisher cannot bind {self.cfg.bind} ({exc.strerror}); set publisher.bind to a "
                               "free address (tcp://127.0.0.1:* picks a port) or stop what is using it") from None
         self._sock = sock
@@ -168,8 +283,11 @@ class Publisher:
                     remaining = len(self._verdicts)
                 for s in statuses:
                     self._send_status(s)
-                for v, mask in items:
-                    self._send_verdict(v, mask)
+                if items:
+                    t_pub = time.monotonic()
+                    for v, mask in items:
+                        self._send_verdict(v, mask)
+                    self.metrics.stage["publish"].inc(time.monotonic() - t_pub)  # `linewatch bench --profile`
                 self._poll_subscriptions()
                 now = time.monotonic()
                 if now >= hb_next and self.status_provider is not None and not closing:
@@ -194,10 +312,19 @@ class Publisher:
         finally:
             self._close_socket()
 
+    def _stop_auth(self) -> None:
+        if self._auth is not None:
+            try:
+                self._auth.stop()
+            except Exception:
+                log.exception("authenticator_stop_failed")
+            self._auth = None
+
     def _close_socket(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=self.cfg.linger_ms)
             self._sock = None
+        self._stop_auth()
         if self._own_ctx:
             self._ctx.term()  # waits ≤ linger for queued messages to go out
 
