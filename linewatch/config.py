@@ -39,7 +39,7 @@ class ModelConfig(_Section):
     engine: Literal["auto", "eager", "jit", "compile", "reference"] = Field(
         "auto", description="how the model runs: auto (what measured fastest for the backbone and device), "
         "eager (BatchNorm folded), jit (TorchScript, CPU), compile (torch.compile: needs a C++ compiler, slow "
-        "start), reference (unoptimised); see docs/performance.md")
+        "start), reference (unoptimised); see README \"Performance\"")
 
 
 class BatchingConfig(_Section):
