@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from linewatch.cli import _size as parse_size  # one size parser for every command
 from linewatch.errors import LinewatchError
 
 if TYPE_CHECKING:
@@ -65,18 +66,6 @@ TARGETS = {"raw_over_bare": 0.90, "files_over_naive": 1.3, "p99_over_bare_batch"
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        parts = [int(x) for x in text.lower().replace("x", ",").split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use 256 or 256x256") from None
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) < 32 or max(parts) > 2048 or any(p % 16 for p in parts):
-        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be multiples of 16 between 32 and 2048")
-    return parts[0], parts[1]
 
 
 def rss_mb(field_name: str = "VmRSS") -> float:
@@ -842,7 +831,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", metavar="BUNDLE", help="a calibrated bundle (default: build an untrained model)")
     p.add_argument("--backbone", default="mobilenet_v2", help="without --model: mobilenet_v2 (default), resnet18, "
                    "wide_resnet50_2 (random-init teacher, labelled, where its ImageNet weights are missing)")
-    p.add_argument("--input-size", type=_size, default=(256, 256), help="without --model (default 256)")
+    p.add_argument("--input-size", type=parse_size, default=(256, 256), help="without --model (default 256)")
     p.add_argument("--batch", type=int, help="max batch for bare and the daemon (default: the best bare batch)")
     p.add_argument("--cameras", type=int, default=1, help="cameras (capture threads) in the streaming modes")
     p.add_argument("--duration", type=float, default=20.0, help="seconds measured per mode per round (default 20)")
