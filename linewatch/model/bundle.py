@@ -145,6 +145,8 @@ def _meta_problem(meta: BundleMeta) -> str | None:
             return "calibration scores are not a list of finite numbers"
         if cal.scores != sorted(cal.scores):
             return "calibration scores are not sorted"
+        if not cal.scores:  # p-values need them; calibrate never writes an empty set
+            return "calibration has no scores"
         if not isinstance(cal.stats, dict):
             return "calibration stats is not an object"
     return None
