@@ -9,7 +9,7 @@ SHARED ?= $(abspath $(CURDIR)/../shared)
 BOTTLE ?= $(SHARED)/data/mvtec_ad/bottle
 STAMP := $(VENV)/.installed
 
-.PHONY: venv weights sysdeps test lint demo demo-bottle clean
+.PHONY: venv weights sysdeps test test-fast lint demo demo-bottle clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,14 +35,20 @@ sysdeps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus systemd; \
 	else echo "note: prometheus/systemd-analyze missing and not root: their tests will be skipped"; fi
 
+# Everything (what CI runs): unit, integration (real daemon processes, sockets, HTTP) and deploy checks.
 test: weights sysdeps
 	$(BIN)/ruff check linewatch tests
 	$(BIN)/pytest -q
 
+# The fast loop while editing: unit tests only (no daemon process, no Debian packages), under a minute.
+test-fast: weights
+	$(BIN)/ruff check linewatch tests
+	$(BIN)/pytest -q tests/unit
+
 # The main job end to end on real data: calibrate a station on good ELPV solar cells (fetched from
 # PyPI), stream held-out good and defective cells through the real daemon, print verdicts and a summary.
 demo: weights
-	$(BIN)/python -m linewatch.demo --out demo-out/elpv
+	$(BIN)/python -m linewatch.tools.demo --out demo-out/elpv
 
 # MVTec AD bottle from ../shared: calibrate → evaluate (AUROC, PRO) → infer overlays.
 

@@ -26,7 +26,7 @@ def bottle() -> Path:
 @pytest.fixture(scope="session")
 def untrained_bundle(tmp_path_factory) -> Path:
     """A bundle with a random (untrained) student at 64×64, thresholds from a few good bottle images."""
-    from linewatch.testing import make_untrained_bundle
+    from linewatch.tools.fixtures import make_untrained_bundle
 
     path = tmp_path_factory.mktemp("bundles") / "untrained.lwm"
     make_untrained_bundle(path, _need_bottle(), input_size=(64, 64))
@@ -36,7 +36,7 @@ def untrained_bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def bottle_bundle(tmp_path_factory) -> Path:
     """A student trained for a few epochs on bottle at 128×128, calibrated: tells defects from good parts."""
-    from linewatch.testing import make_trained_bundle
+    from linewatch.tools.fixtures import make_trained_bundle
 
     path = tmp_path_factory.mktemp("bundles") / "bottle.lwm"
     make_trained_bundle(path, _need_bottle(), input_size=(128, 128))

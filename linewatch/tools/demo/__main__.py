@@ -1,0 +1,200 @@
+"""`python -m linewatch.tools.demo` (what `make demo` runs): calibrate a solar-cell inspection station on
+good monocrystalline ELPV cells, then stream held-out good and defective cells through the real
+daemon, print live verdicts from a ZeroMQ subscriber, and summarise.
+
+A rerun reuses the downloaded data and the calibrated model (delete ``--out`` to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from linewatch.errors import LinewatchError
+
+DEFAULT_EPOCHS = 12  # ≈ 4–5 min of training on 2 CPU cores; see README "Demo" for what more epochs reach
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path: Path, model: Path, stream_dir: Path, archive: Path, zmq_port: int, metrics_port: int,
+                 fps: float) -> None:
+    cfg = {
+        "model": {"bundle": str(model.resolve())},
+        "device": "auto",
+        # a replay must not lose frames to a slower machine: room for a backlog instead of drop-oldest
+        "batching": {"max_batch": 8, "max_wait_ms": 20, "frame_queue": 1024},
+        "cameras": [{"name": "elpv", "source": f"dir://{stream_dir.resolve()}", "fps": fps, "on_end": "stop"}],
+        "publisher": {"bind": f"tcp://127.0.0.1:{zmq_port}", "masks": "fail", "wait_for_subscriber_s": 30,
+                      "sndhwm": 100000},
+        "metrics": {"host": "127.0.0.1", "port": metrics_port},
+        "logging": {"format": "json", "level": "info"},
+        "daemon": {"exit_when_sources_end": False},
+    }
+    if archive is not None:
+        cfg["archive"] = {"enabled": True, "dir": str(archive.resolve())}
+    path.write_text(json.dumps(cfg, indent=2))  # JSON is YAML
+
+
+def scrape(url: str) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    with urllib.request.urlopen(url, timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("#") or " " not in line:
+                continue
+            name, value = line.rsplit(" ", 1)
+            base = name.split("{", 1)[0]
+            totals[base] = totals.get(base, 0.0) + float(value)
+            totals[name] = float(value)
+    return totals
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m linewatch.tools.demo", description=__doc__)
+    ap.add_argument("--out", default="demo-out/elpv", help="work folder (reused by a rerun)")
+    ap.add_argument("--cache", default=".cache/elpv", help="where the ELPV wheel is unpacked")
+    ap.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    ap.add_argument("--fps", type=float, default=20.0, help="replay rate of the stream camera")
+    ap.add_argument("--limit", type=int, help="quick mode: at most this many calibration cells (tests)")
+    ap.add_argument("--input-size", type=int, default=256)
+    ap.add_argument("--quiet", action="store_true", help="no per-verdict lines")
+    args = ap.parse_args(argv)
+    try:
+        return run(args)
+    except LinewatchError as exc:
+        print(f"linewatch demo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    from linewatch.client import Subscriber
+    from linewatch.model.weights import fetch_mobilenet_v2
+    from linewatch.station.accuracy import image_auroc
+    from linewatch.station.calibration import CalibrateOptions, calibrate_station
+    from linewatch.station.training import TrainConfig
+    from linewatch.tools.demo import elpv
+
+    t_start = time.monotonic()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print("== 1/4 teacher weights and data")
+    print(f"   {fetch_mobilenet_v2()}")
+    data = elpv.fetch(Path(args.cache))
+    print(f"   {elpv.LICENCE}")
+    split = elpv.split(data, limit=args.limit)
+    normal_dir, stream_dir, labels = elpv.materialise(split, out)
+    n_bad = sum(labels.values())
+    print(f"   {len(split.normal)} good mono cells to calibrate on; stream: {len(labels) - n_bad} held-out good "
+          f"+ {n_bad} defective (probability 1.0) cells")
+
+    model = out / "elpv.lwm"
+    print(f"== 2/4 calibrate ({args.epochs} epochs)")
+    if model.is_file():
+        print(f"   reusing {model} (delete it to re-train)")
+    else:
+        opts = CalibrateOptions(input_size=(args.input_size, args.input_size),
+                                train=TrainConfig(max_epochs=args.epochs), progress=not args.quiet)
+        r = calibrate_station(normal_dir, model, opts)
+        print(f"   trained {r.training.epochs_run} epochs in {r.training.seconds:.0f} s on {r.n_train} cells; "
+              f"threshold {r.calibration.image_threshold:.5g} on {r.n_cal} held-out good cells "
+              f"(false-reject bound {r.calibration.false_reject_bound:.4f})")
+
+    print("== 3/4 stream through the daemon")
+    zmq_port, metrics_port = free_port(), free_port()
+    archive = out / "rejects"
+    cfg = out / "linewatch.yaml"
+    write_config(cfg, model, stream_dir, archive, zmq_port, metrics_port, args.fps)
+    log_path = out / "daemon.log"
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    env = dict(os.environ)
+    with open(log_path, "w") as log_file:
+        daemon = subprocess.Popen([sys.executable, "-m", "linewatch.cli", "run", "--config", str(cfg)],
+                                  stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    verdicts = []
+    try:
+        with Subscriber(f"tcp://127.0.0.1:{zmq_port}", cameras=["elpv"]) as sub:
+            masks = out / "masks"
+            masks.mkdir(exist_ok=True)
+            for old in masks.iterdir():
+                old.unlink()
+            deadline = time.monotonic() + 600
+            while len(verdicts) < len(labels) and time.monotonic() < deadline:
+                if daemon.poll() is not None:
+                    raise LinewatchError(f"the daemon exited early (code {daemon.returncode}); see {log_path}")
+                v = sub.recv(timeout=1.0)
+                if v is None or not hasattr(v, "verdict"):
+                    continue
+                verdicts.append(v)
+                name = v.ref or ""
+                truth = labels.get(Path(name).name)
+                if v.mask_png:
+                    (masks / f"{Path(name).stem}_mask.png").write_bytes(v.mask_png)
+                if not args.quiet:
+                    mark = "" if truth is None else ("  (defective)" if truth else "  (good)")
+                    print(f"   #{v.sequence:04d} {v.verdict.upper():4s} score {v.score:.4g} p={v.p_value:.3f} "
+                          f"{Path(name).name}{mark}", flush=True)
+        metrics = scrape(metrics_url)
+    finally:
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+    print("== 4/4 summary")
+    y = np.array([labels.get(Path(v.ref or "").name, -1) for v in verdicts])
+    s = np.array([v.score for v in verdicts])
+    fail = np.array([v.failed for v in verdicts])
+    lat = np.array([v.latency for v in verdicts]) * 1000
+    known = y >= 0
+    good, bad = known & (y == 0), known & (y == 1)
+    auroc = image_auroc(y[known], s[known]) if known.any() else float("nan")
+    frames_metric = metrics.get("linewatch_frames_total", float("nan"))
+    rows = [
+        ("frames streamed / verdicts received",
+         f"{len(labels)} / {len(verdicts)} (metrics counted {frames_metric:.0f})"),
+        ("fails", f"{int(fail.sum())} ({int(fail[bad].sum())} of {int(bad.sum())} defective, "
+                  f"{int(fail[good].sum())} of {int(good.sum())} good)"),
+        ("image AUROC (streamed cells)", f"{auroc:.4f}"),
+        ("false-reject rate (good cells)", f"{fail[good].mean() if good.any() else float('nan'):.4f}"),
+        ("recall (defective cells)", f"{fail[bad].mean() if bad.any() else float('nan'):.4f}"),
+        ("latency capture→verdict p50 / p99", f"{np.percentile(lat, 50):.1f} / {np.percentile(lat, 99):.1f} ms"
+         if len(lat) else "n/a"),
+        ("masks of failed cells", str(masks)),
+        ("reject archive (overlays, masks, headers)", str(archive) if archive.exists() else "not written"),
+        ("daemon log", str(log_path)),
+        ("metrics URL (while the daemon runs)", metrics_url),
+        ("total time", f"{time.monotonic() - t_start:.0f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"   {k:<{width}}  {v}" for k, v in rows))
+    (out / "summary.json").write_text(json.dumps({
+        "frames": len(labels), "verdicts": len(verdicts), "fails": int(fail.sum()), "auroc": auroc,
+        "false_reject_rate": float(fail[good].mean()) if good.any() else None,
+        "recall": float(fail[bad].mean()) if bad.any() else None,
+        "latency_ms_p50": float(np.percentile(lat, 50)) if len(lat) else None,
+        "latency_ms_p99": float(np.percentile(lat, 99)) if len(lat) else None,
+        "metrics_frames_total": frames_metric, "daemon_exit_code": daemon.returncode,
+    }, indent=2))
+    if len(verdicts) < len(labels):
+        print(f"   WARNING: {len(labels) - len(verdicts)} verdicts missing; see {log_path}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""`linewatch bench` in short mode: it runs and reports every field. Never a speed threshold here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from linewatch.tools.harness import ROOT, subprocess_env, write_images
+
+MODE_FIELDS = {"mode", "images_per_s", "rounds", "batch", "notes", "latency_ms", "profile_ms", "cpu_ms", "dropped",
+               "fail_fraction", "rss_mb_at_60s", "rss_mb_end", "rss_samples", "cpu_ms_per_image"}
+STAGES = {"read", "prepare", "queue_wait", "preprocess", "forward", "postprocess", "publish"}
+
+
+@pytest.mark.slow
+def test_bench_short_runs_and_its_json_has_every_field(tmp_path):
+    images = tmp_path / "images"
+    write_images(images / "good", 4, size=(96, 128), seed=1)  # the untrained model's thresholds come from good/
+    write_images(images / "defect", 4, size=(96, 128), seed=2)
+    out = tmp_path / "bench.json"
+    # a subprocess: the bench sets process-wide torch/OpenCV thread counts
+    proc = subprocess.run(
+        [sys.executable, "-m", "linewatch.cli", "bench", "--short", "--input-size", "64", "--images", str(images),
+         "--json", str(out), "--profile", "--quiet", "--compare-engines", "reference"],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "linewatch-raw / bare" in proc.stdout and "where a frame's time goes" in proc.stdout
+
+    res = json.loads(out.read_text())
+    for key in ("model", "threads", "cameras", "batch", "batch_sweep", "images", "rounds", "duration_s", "modes",
+                "ratios", "latency", "rss_mb", "targets", "load_average"):
+        assert key in res, key
+    assert set(res["modes"]) == {"bare", "naive", "linewatch-raw", "linewatch-files", "linewatch-raw-paced",
+                                 "bare[reference]"}
+    for name, mode in res["modes"].items():
+        assert MODE_FIELDS <= set(mode), (name, MODE_FIELDS - set(mode))
+        assert mode["images_per_s"] > 0, name  # it produced results (not a speed requirement)
+    for name in ("linewatch-raw", "linewatch-files", "linewatch-raw-paced"):
+        mode = res["modes"][name]
+        assert set(mode["latency_ms"]) == {"p50", "p95", "p99", "n"} and mode["latency_ms"]["n"] > 0
+        assert set(mode["profile_ms"]) == STAGES
+        assert mode["cpu_ms"]["inference"] > 0 and mode["rss_mb_end"] > 0
+    assert set(res["ratios"]) == {"raw_over_bare", "files_over_naive", "cpu_raw_over_bare", "cpu_files_over_naive"}
+    assert all(isinstance(v, float) for v in res["ratios"].values())
+    assert set(res["latency"]) == {"bare_batch_ms", "raw_p50_ms", "raw_p95_ms", "raw_p99_ms", "p99_over_bare_batch",
+                                   "paced_load", "paced_p50_ms", "paced_p95_ms", "paced_p99_ms",
+                                   "paced_p99_over_bare_batch"}
+    assert set(res["rss_mb"]) == {"before_streaming", "peak", "end", "end_anon", "end_file"}
+    assert res["model"]["input_size"] == [64, 64] and res["model"]["engine"] in ("jit", "eager")
+    assert res["threads"]["torch"] >= 1 and res["images"]["files"] == 8
+
+
+def test_bench_refuses_a_missing_images_folder(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "linewatch.cli", "bench", "--short", "--images", str(tmp_path / "nope")],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr

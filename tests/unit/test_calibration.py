@@ -1,0 +1,69 @@
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from linewatch.model.bundle import Calibration
+from linewatch.station.calibration import conformal_threshold, fit_calibration, min_calibration_size
+
+scores_st = st.lists(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), min_size=1, max_size=300)
+alpha_st = st.floats(min_value=1e-4, max_value=0.5)
+
+
+@given(scores_st, alpha_st)
+@settings(max_examples=300, deadline=None)
+def test_conformal_threshold_is_the_right_order_statistic(scores, alpha):
+    ct = conformal_threshold(scores, alpha)
+    n = len(scores)
+    s = sorted(scores)
+    k = min(math.ceil((n + 1) * (1 - alpha) - 1e-9), n)
+    assert ct.k == k and ct.n == n
+    assert ct.threshold == s[k - 1]
+    assert ct.bound == pytest.approx(1 - k / (n + 1))
+    # at most n-k calibration scores lie strictly above the threshold
+    assert sum(x > ct.threshold for x in scores) <= n - k
+    if n >= min_calibration_size(alpha):
+        assert ct.warning is None and ct.bound <= alpha + 1e-12
+    else:
+        assert ct.warning is not None and ct.k == n
+
+
+def test_conformal_guarantee_holds_on_average():
+    """Uniform scores: P(new good part > threshold) = 1 − s_(k); its mean over many draws is 1 − k/(n+1) ≤ α."""
+    rng = np.random.default_rng(0)
+    n, alpha = 399, 0.02
+    rates = []
+    for _ in range(4000):
+        ct = conformal_threshold(rng.random(n), alpha)
+        rates.append(1 - ct.threshold)
+    assert ct.bound <= alpha + 1e-12
+    assert np.mean(rates) == pytest.approx(ct.bound, abs=0.0015)
+    assert np.mean(rates) <= alpha + 0.0015
+
+
+def test_small_calibration_set_warns_and_uses_the_max():
+    ct = conformal_threshold([3.0, 1.0, 2.0], 0.005)
+    assert ct.threshold == 3.0 and ct.warning and "199" in ct.warning
+    assert ct.bound == pytest.approx(0.25)
+
+
+@given(scores_st, st.floats(min_value=-2e6, max_value=2e6, allow_nan=False))
+@settings(max_examples=200, deadline=None)
+def test_p_value_is_a_valid_conformal_p_value(scores, score):
+    cal = Calibration(image_threshold=0, pixel_threshold=0, alpha=0.1, false_reject_bound=0.1, scores=sorted(scores))
+    p = cal.p_value(score)
+    n = len(scores)
+    assert 1 / (n + 1) <= p <= 1
+    assert p == pytest.approx((1 + sum(x >= score for x in scores)) / (n + 1))
+
+
+def test_fit_calibration_pixel_threshold_never_exceeds_image_threshold():
+    rng = np.random.default_rng(1)
+    maps = rng.random((10, 16, 16)).astype(np.float32)
+    scores = maps.reshape(10, -1).max(1)
+    cal, ct = fit_calibration(scores, maps, alpha=0.1, pixel_alpha=1e-3)
+    assert cal.pixel_threshold <= cal.image_threshold
+    assert cal.scores == sorted(cal.scores) and len(cal.scores) == 10
+    assert cal.stats["median"] == pytest.approx(float(np.median(scores)))

@@ -1,0 +1,139 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from linewatch.model.backbones import BACKBONES, build_extractor
+from linewatch.model.stfpm import STFPM, stage_distances, stfpm_loss
+from linewatch.model.weights import load_teacher
+
+
+def _feats(seed: int, shapes=((2, 8, 16, 16), (2, 12, 8, 8), (2, 16, 4, 4))):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g) for s in shapes]
+
+
+def test_loss_is_zero_for_identical_features_and_scale_invariant():
+    t = _feats(0)
+    assert stfpm_loss(t, t).item() == pytest.approx(0.0, abs=1e-7)
+    # channel-L2 normalisation: scaling the student's features changes nothing
+    assert stfpm_loss(t, [3.0 * x for x in t]).item() == pytest.approx(0.0, abs=1e-6)
+    s = _feats(1)
+    loss = stfpm_loss(t, s)
+    # per stage the distance of two unit vectors is in [0, 2]: 0.5·||·||² ∈ [0, 2], summed over 3 stages
+    assert 0 < loss.item() <= 6.0
+
+
+def test_loss_matches_the_paper_formula():
+    t, s = _feats(2), _feats(3)
+    expected = 0.0
+    for a, b in zip(t, s, strict=True):
+        a = a / a.norm(dim=1, keepdim=True)
+        b = b / b.norm(dim=1, keepdim=True)
+        h, w = a.shape[-2:]
+        expected += (0.5 / (h * w) * ((a - b) ** 2).sum(dim=(1, 2, 3))).mean().item()
+    assert stfpm_loss(t, s).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_anomaly_map_is_higher_where_the_student_disagrees():
+    t = _feats(4)
+    s = [x.clone() for x in t]
+    # perturb the student in the top-left quarter of every stage
+    for x in s:
+        h, w = x.shape[-2:]
+        x[:, :, : h // 2, : w // 2] += 5 * torch.randn_like(x[:, :, : h // 2, : w // 2])
+    amap = stage_distances(t, s, (64, 64))
+    assert amap.shape == (2, 64, 64)
+    inside = amap[:, 4:28, 4:28].mean()
+    outside = amap[:, 36:, 36:].mean()
+    assert inside > 100 * max(outside.item(), 1e-12)
+
+
+def test_pretrained_model_scores_a_perturbed_region_higher(bottle):
+    """Real teacher, student trained briefly on one image: pasting noise into a region raises the map there."""
+    from linewatch.imaging.images import list_images, load_images
+
+    teacher, _ = load_teacher("mobilenet_v2")
+    model = STFPM("mobilenet_v2", teacher=teacher, input_size=(64, 64), blur_sigma=1.0)
+    imgs = load_images(list_images(bottle / "train" / "good")[:4], (64, 64)).images
+    opt = torch.optim.SGD(model.students.parameters(), lr=0.4, momentum=0.9)
+    x = torch.from_numpy(imgs)
+    torch.manual_seed(0)
+    for _ in range(30):
+        loss = model.loss(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    img = imgs[:1].copy()
+    rng = np.random.default_rng(0)
+    img[0, 8:24, 8:24] = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        maps, scores = model(torch.from_numpy(img))
+        _, clean_scores = model(torch.from_numpy(imgs[:1]))
+    m = maps[0]
+    assert m[8:24, 8:24].mean() > 2 * m[40:, 40:].mean()
+    assert scores[0] > clean_scores[0]
+
+
+def test_teacher_is_frozen_and_stays_in_eval_mode():
+    model = STFPM("mobilenet_v2", input_size=(64, 64))
+    model.train()
+    assert not model.teacher.training
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    assert all(p.requires_grad for p in model.students.parameters())
+
+
+def test_preprocess_accepts_nhwc_nchw_uint8_and_float():
+    model = STFPM("mobilenet_v2", input_size=(64, 64))
+    x = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    a = model.preprocess(x)
+    b = model.preprocess(x.permute(0, 3, 1, 2))
+    c = model.preprocess(x.permute(0, 3, 1, 2).float() / 255)
+    assert a.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+    # other sizes are resized to the input size
+    assert model.preprocess(torch.randint(0, 256, (1, 100, 80, 3), dtype=torch.uint8)).shape == (1, 3, 64, 64)
+
+
+def test_forward_shapes_and_score_is_max_of_map():
+    model = STFPM("mobilenet_v2", input_size=(64, 64)).eval()
+    with torch.inference_mode():
+        maps, scores = model(torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8))
+    assert maps.shape == (3, 64, 64) and scores.shape == (3,)
+    torch.testing.assert_close(scores, maps.flatten(1).amax(1))
+
+
+def test_ensemble_map_is_mean_plus_variance():
+    model = STFPM("mobilenet_v2", n_students=3, input_size=(64, 64), blur_sigma=0).eval()
+    x = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        maps, _ = model(x)
+        t, ss = model.features(model.preprocess(x))
+        per = torch.stack([stage_distances(t, s, (64, 64)) for s in ss])
+    torch.testing.assert_close(maps, per.mean(0) + per.var(0, unbiased=False))
+
+
+def test_blur_keeps_constant_maps_constant():
+    model = STFPM("mobilenet_v2", input_size=(64, 64), blur_sigma=4.0)
+    m = torch.full((2, 64, 64), 0.25)
+    torch.testing.assert_close(model.blur(m), m)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbone_strides_are_4_8_16(name):
+    ext = build_extractor(name).eval()
+    with torch.inference_mode():
+        feats = ext(torch.zeros(1, 3, 64, 64))
+    assert [f.shape[-1] for f in feats] == [16, 8, 4]
+    assert tuple(f.shape[1] for f in feats) == BACKBONES[name].channels
+
+
+def test_students_are_randomly_initialised_not_copies_of_the_teacher():
+    teacher, _ = load_teacher("mobilenet_v2")
+    model = STFPM("mobilenet_v2", teacher=copy.deepcopy(teacher))
+    t = dict(model.teacher.named_parameters())
+    s = dict(model.students[0].named_parameters())
+    assert not torch.equal(t["stages.0.0.0.weight"], s["stages.0.0.0.weight"])

@@ -1,0 +1,216 @@
+"""Inference worker: batching, verdicts, defect regions mapped back to the frame, failure handling."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from linewatch.model import Calibration, Prediction
+from linewatch.service.capture import Frame, FrameQueue
+from linewatch.service.telemetry.prometheus import Metrics
+from linewatch.service.worker import InferenceWorker, find_defects
+
+H = W = 16
+
+
+class FakeDetector:
+    """Score = brightest pixel / 255; map = per-pixel brightness: a frame's verdict is set by its pixels."""
+
+    def __init__(self, fail_first: int = 0, delay: float = 0.0):
+        self.input_size = (H, W)
+        self.model_id = "fake0000"
+        self.meta = SimpleNamespace(backbone="fake")
+        self.device = torch.device("cpu")
+        self.calibration = Calibration(image_threshold=0.5, pixel_threshold=0.4, alpha=0.1,
+                                       false_reject_bound=0.1, scores=[0.1, 0.2, 0.3, 0.45])
+        self.batches: list[int] = []
+        self.fail_first = fail_first
+        self.delay = delay
+
+    def predict(self, batch: torch.Tensor) -> Prediction:
+        assert batch.dtype == torch.uint8 and batch.shape[1:] == (H, W, 3)
+        self.batches.append(batch.shape[0])
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            raise RuntimeError("CUDA out of memory (simulated)")
+        time.sleep(self.delay)
+        maps = batch.float().amax(-1) / 255.0
+        return Prediction(maps=maps, scores=maps.flatten(1).amax(1))
+
+
+def mk_frame(cam: str, seq: int, bright: bool, roi=(0, 0, 64, 48)) -> Frame:
+    img = np.zeros((H, W, 3), np.uint8)
+    if bright:
+        img[4:8, 6:12] = 255
+    return Frame(cam, seq, time.time(), time.monotonic(), img, (64, 48), roi, ref=f"{seq:03d}.png")
+
+
+def value(m: Metrics, name: str, **labels) -> float:
+    v = m.registry.get_sample_value(name, labels)
+    return 0.0 if v is None else v
+
+
+class Sink:
+    def __init__(self):
+        self.items = []
+        self.lock = threading.Lock()
+
+    def __call__(self, verdict, mask):
+        with self.lock:
+            self.items.append((verdict, mask))
+
+
+def run_worker(frames, det=None, *, max_batch=4, masks="fail", deadline_s=10.0, queue_size=100):
+    det = det or FakeDetector()
+    m, sink = Metrics(), Sink()
+    q = FrameQueue(queue_size, m)
+    for f in frames:
+        q.put(f)
+    w = InferenceWorker(det, q, sink, m, max_batch=max_batch, max_wait_ms=1, masks=masks, run_id="run1")
+    w.stop(time.monotonic() + deadline_s)  # drain mode: process what is queued, then exit
+    w.start()
+    w.join(30)
+    assert not w.is_alive()
+    return sink.items, m, det
+
+
+# --------------------------------------------------------------------------- defect regions
+
+
+def test_find_defects_maps_regions_to_frame_coordinates():
+    amap = np.zeros((16, 16), np.float32)
+    amap[2:6, 3:9] = 1.0  # 6×4 at (3, 2) on the map
+    amap[10:12, 12:14] = 0.8  # 2×2 at (12, 10)
+    d = find_defects(amap, 0.5, (100, 50, 32, 32), want_mask=True, failed=True)  # map → ROI: ×2
+    assert d.n_regions == 2 and len(d.boxes) == 2
+    big, small = d.boxes
+    assert big.area > small.area
+    assert abs(big.x - (100 + 6)) <= 1 and abs(big.y - (50 + 4)) <= 1
+    assert abs(big.w - 12) <= 2 and abs(big.h - 8) <= 2
+    assert abs(small.x - (100 + 24)) <= 1 and abs(small.y - (50 + 20)) <= 1
+    assert d.mask.shape == (32, 32) and set(np.unique(d.mask)) == {0, 255}
+    assert d.area == int((d.mask > 0).sum()) == big.area + small.area
+
+
+def test_find_defects_pass_and_lone_peak():
+    amap = np.full((16, 16), 0.1, np.float32)
+    d = find_defects(amap, 0.5, (0, 0, 40, 30), want_mask=True, failed=False)
+    assert d.boxes == [] and d.area == 0 and d.mask.shape == (30, 40) and not d.mask.any()
+    assert find_defects(amap, 0.5, (0, 0, 40, 30), want_mask=False, failed=False).mask is None
+    # a failed part whose only hot pixel vanishes in interpolation still gets a (one-pixel) region
+    amap[7, 7] = 0.51
+    d = find_defects(amap, 0.51, (0, 0, 160, 160), want_mask=True, failed=True)
+    assert d.n_regions == 1 and d.area >= 1
+    b = d.boxes[0]
+    assert 70 <= b.x <= 80 and 70 <= b.y <= 80
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def test_every_frame_gets_its_verdict_in_batches():
+    frames = [mk_frame(cam, s, bright=(s % 3 == 0)) for s in range(10) for cam in ("a", "b")]
+    items, m, det = run_worker(frames, max_batch=4)
+    assert sorted((v.camera, v.sequence) for v, _ in items) == sorted((f.camera, f.sequence) for f in frames)
+    for v, mask in items:
+        assert v.verdict == ("fail" if v.sequence % 3 == 0 else "pass")
+        assert v.threshold == 0.5 and v.model_id == "fake0000" and v.run_id == "run1"
+        assert v.frame_width == 64 and v.frame_height == 48 and v.ref == f"{v.sequence:03d}.png"
+        assert 0 < v.p_value <= 1
+        assert (mask is not None) == (v.verdict == "fail")  # masks: fail
+        if v.verdict == "fail":
+            assert mask.shape == (48, 64) and v.boxes and v.defect_area > 0
+    assert max(det.batches) <= 4 and sum(det.batches) == 20
+    assert value(m, "linewatch_batch_size_count") == len(det.batches)
+    assert value(m, "linewatch_batch_size_sum") == 20
+    assert value(m, "linewatch_inference_seconds_count") == len(det.batches)
+    fails = sum(1 for f in frames if f.sequence % 3 == 0) // 2
+    for cam in ("a", "b"):
+        assert value(m, "linewatch_frames_total", camera=cam, verdict="fail") == fails
+        assert value(m, "linewatch_frames_total", camera=cam, verdict="pass") == 10 - fails
+        assert value(m, "linewatch_latency_seconds_count", camera=cam) == 10
+        assert value(m, "linewatch_score_ratio_count", camera=cam) == 10
+    assert value(m, "linewatch_queue_wait_seconds_count") == 20
+
+
+@pytest.mark.parametrize("policy, expect", [("all", {"pass": True, "fail": True}),
+                                            ("none", {"pass": False, "fail": False})])
+def test_mask_policy(policy, expect):
+    items, _, _ = run_worker([mk_frame("a", 0, True), mk_frame("a", 1, False)], masks=policy)
+    for v, mask in items:
+        assert (mask is not None) == expect[v.verdict]
+
+
+def test_roi_mask_and_boxes_in_frame_coordinates():
+    items, _, _ = run_worker([mk_frame("a", 0, True, roi=(10, 8, 32, 32))])
+    v, mask = items[0]
+    assert v.roi == (10, 8, 32, 32) and mask.shape == (32, 32)  # ROI-size: the publisher places it
+    b = v.boxes[0]
+    # bright block at map (6..12, 4..8) → ×2 → ROI (12..24, 8..16) → frame + (10, 8)
+    assert abs(b.x - 22) <= 1 and abs(b.y - 16) <= 1
+
+
+def test_inference_error_is_counted_and_the_worker_goes_on():
+    det = FakeDetector(fail_first=1)
+    frames = [mk_frame("a", s, False) for s in range(6)]
+    items, m, _ = run_worker(frames, det, max_batch=3)
+    assert [v.sequence for v, _ in items] == [3, 4, 5]  # the first batch failed, the rest went through
+    assert value(m, "linewatch_frames_dropped_total", camera="a", reason="inference_error") == 3
+
+
+def test_frames_left_after_the_drain_deadline_are_counted():
+    items, m, _ = run_worker([mk_frame("a", s, False) for s in range(5)], deadline_s=-1.0)
+    assert items == []
+    assert value(m, "linewatch_frames_dropped_total", camera="a", reason="shutdown") == 5
+
+
+def test_worker_health_and_live_batching():
+    det = FakeDetector(delay=0.01)
+    m, sink = Metrics(), Sink()
+    q = FrameQueue(10, m)
+    w = InferenceWorker(det, q, sink, m, max_batch=8, max_wait_ms=20, poll_s=0.02)
+    w.start()
+    try:
+        assert w.healthy
+        for s in range(12):
+            q.put(mk_frame("a", s, False))
+            time.sleep(0.002)
+        end = time.monotonic() + 10
+        while len(sink.items) < 12 and time.monotonic() < end:
+            time.sleep(0.01)
+    finally:
+        w.stop(time.monotonic() + 5)
+        w.join(10)
+    assert [v.sequence for v, _ in sink.items] == list(range(12))
+    assert max(det.batches) <= 8
+
+
+def test_streamed_verdicts_equal_offline_predictions(untrained_bundle, bottle):
+    """With the real model: batching in the worker changes nothing about scores or verdicts."""
+    from linewatch.imaging.images import list_images, load_images
+    from linewatch.model import load_detector
+
+    torch.set_num_threads(1)
+    det = load_detector(untrained_bundle, "cpu")
+    paths = list_images(bottle / "test" / "broken_small")[:5] + list_images(bottle / "test" / "good")[:5]
+    data = load_images(paths, det.input_size)
+    offline = det.predict_many(data.images, batch_size=len(paths))
+    frames = [Frame("cam", i, time.time(), time.monotonic(), data.images[i].copy(), (900, 900), (0, 0, 900, 900),
+                    ref=paths[i].name) for i in range(len(paths))]
+    items, _, _ = run_worker(frames, det, max_batch=3, masks="all")
+    got = {v.sequence: (v, mask) for v, mask in items}
+    assert sorted(got) == list(range(len(paths)))
+    cal = det.calibration
+    for i in range(len(paths)):
+        v, mask = got[i]
+        s = float(offline.scores[i])
+        assert v.score == pytest.approx(s, rel=1e-4, abs=1e-6)
+        if abs(s - cal.image_threshold) > 1e-4 * max(1.0, abs(s)):
+            assert v.verdict == ("fail" if s > cal.image_threshold else "pass")
+        assert v.p_value == pytest.approx(cal.p_value(v.score))
+        assert mask.shape == (900, 900)
