@@ -377,11 +377,8 @@ class _Counter(threading.Thread):
 
 
 def _stage_snapshot(daemon: Any) -> tuple[dict[str, float], float]:
-    from linewatch.service.telemetry.prometheus import STAGES
-
     m = daemon.metrics
-    stages = {s: m.registry.get_sample_value("linewatch_stage_seconds_total", {"stage": s}) or 0.0 for s in STAGES}
-    return stages, m.total(m.frames)
+    return m.stage_totals(), m.total(m.frames)
 
 
 def run_stream(mode: str, det: Detector, args: argparse.Namespace, batch: int, threads: int,

@@ -21,6 +21,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    ProcessCollector,
     disable_created_metrics,
     start_http_server,
 )
@@ -55,6 +56,9 @@ class Metrics:
         disable_created_metrics()
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # process_* series (resident memory, open fds, CPU seconds, start time): what an SRE and the soak read
+        # to see a leak, from the same scrape as everything else
+        ProcessCollector(registry=r)
         self.latency = Histogram("linewatch_latency_seconds", "Capture to verdict time per frame",
                                  ["camera"], buckets=LATENCY_BUCKETS, registry=r)
         self.inference = Histogram("linewatch_inference_seconds", "Model time per batch",
@@ -174,6 +178,11 @@ class Metrics:
                 if s.name.endswith("_total"):
                     out[s.labels[label]] = out.get(s.labels[label], 0.0) + s.value
         return out
+
+    def stage_totals(self) -> dict[str, float]:
+        """Seconds summed per pipeline stage so far (``linewatch_stage_seconds_total``), for `bench --profile`."""
+        return {s: self.registry.get_sample_value("linewatch_stage_seconds_total", {"stage": s}) or 0.0
+                for s in STAGES}
 
     def total(self, counter: Counter) -> float:
         """Sum of a counter over all its label sets (for heartbeats and STATUS=)."""
