@@ -12,6 +12,11 @@ Only pyzmq and :mod:`linewatch.messages` are needed (no torch, no OpenCV). Messa
 the schema are skipped and counted in ``malformed``; sequence gaps (verdicts this subscriber never
 got, e.g. while it was too slow) are counted per camera in ``gaps``.
 
+With ``previews=True`` (and ``publisher.preview`` set on the daemon) verdicts may carry the frame the
+model saw and its anomaly heatmap: ``v.preview_jpeg`` and ``v.heatmap_png`` (None when absent; see
+:mod:`linewatch.messages` for the heatmap's scale). Verdicts whose preview this subscriber missed are
+counted in ``previews_missed``.
+
 A daemon with ``publisher.curve`` (encrypted, optionally only for listed clients) needs keys::
 
     Subscriber("tcp://10.0.0.5:5555", curve={"server_public_key": "/etc/lw/server.key",
@@ -27,9 +32,20 @@ from dataclasses import dataclass
 
 import zmq
 
-from linewatch.messages import STATUS_TOPIC, MessageError, Status, Verdict, decode, verdict_topic
+from linewatch.messages import (
+    PREVIEW_PREFIX,
+    STATUS_TOPIC,
+    MessageError,
+    Preview,
+    Status,
+    Verdict,
+    decode,
+    preview_topic,
+    verdict_topic,
+)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+MAX_HELD_PREVIEWS = 256  # previews waiting for their verdict: one per camera normally; bounded whatever comes
 _HANDSHAKE_FAILED = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the daemon refused this client key (not in its authorized_clients_dir?)",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "CURVE handshake failed (wrong server public key, or the daemon "
@@ -57,7 +73,7 @@ class Subscriber:
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, cameras: Iterable[str] | None = None,
                  status: bool = False, rcvhwm: int = 10_000, context: zmq.Context | None = None,
-                 curve: CurveKeys | Mapping[str, object] | None = None):
+                 curve: CurveKeys | Mapping[str, object] | None = None, previews: bool = False):
         self.endpoint = endpoint
         self.cameras = set(cameras) if cameras else None
         self._own_ctx = context is None
@@ -83,6 +99,10 @@ class Subscriber:
                 self._sock.setsockopt_string(zmq.SUBSCRIBE, verdict_topic(cam))
         else:
             self._sock.setsockopt_string(zmq.SUBSCRIBE, "verdict.")
+        if previews:
+            # a preview comes just before its verdict, on a topic of its own (old subscribers never see it)
+            for topic in ([preview_topic(cam) for cam in self.cameras] if self.cameras else [PREVIEW_PREFIX]):
+                self._sock.setsockopt_string(zmq.SUBSCRIBE, topic)
         if status:
             self._sock.setsockopt_string(zmq.SUBSCRIBE, STATUS_TOPIC)
         self._sock.connect(endpoint)
@@ -94,6 +114,9 @@ class Subscriber:
         self.last_error: str | None = None
         self.gaps: dict[str, int] = {}
         self._last_seq: dict[tuple[str, str], int] = {}
+        self.previews = previews
+        self.previews_missed = 0
+        self._held: dict[tuple[str, str], Preview] = {}  # (run_id, camera) → the preview of its next verdict
 
     def __enter__(self) -> Subscriber:
         return self
@@ -168,11 +191,34 @@ class Subscriber:
                 self.malformed += 1
                 self.last_error = str(exc)
                 continue
+            if isinstance(msg, Preview):
+                self._hold(msg)
+                continue
             if isinstance(msg, Verdict):
                 if self.cameras is not None and msg.camera not in self.cameras:
                     continue
                 self._track(msg)
+                self._attach(msg)
             return msg
+
+    def _hold(self, p: Preview) -> None:
+        if self.cameras is not None and p.camera not in self.cameras:
+            return
+        key = (p.run_id, p.camera)
+        self._held.pop(key, None)  # a preview whose verdict never came (lost on the way) is replaced
+        if len(self._held) >= MAX_HELD_PREVIEWS:
+            self._held.pop(next(iter(self._held)))
+        self._held[key] = p
+
+    def _attach(self, v: Verdict) -> None:
+        if not self.previews:
+            return
+        p = self._held.get((v.run_id, v.camera))
+        if p is not None and p.sequence == v.sequence:
+            del self._held[(v.run_id, v.camera)]
+            v.preview_jpeg, v.heatmap_png = p.preview_jpeg, p.heatmap_png
+        elif v.preview_sent:
+            self.previews_missed += 1
 
     def messages(self, timeout: float | None = None) -> Iterator[Verdict | Status]:
         """Verdicts and status messages until ``timeout`` s pass without one (forever if None)."""

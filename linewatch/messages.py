@@ -6,6 +6,16 @@ ZeroMQ multipart messages, all parts bytes:
   iff the header says ``has_mask``. The mask is single-channel (0 = good, 255 = defect) at the camera
   frame's full size; pixels outside the ROI are 0. Boxes are in frame coordinates.
 * status, topic ``status``: ``[topic, header JSON]`` — heartbeats, camera up/down/ended, lifecycle.
+* previews, topic ``preview.<camera>``: ``[topic, header JSON, frame JPEG, heatmap PNG]`` — optional
+  (``publisher.preview``), sent just *before* the verdict they belong to, whose header then says
+  ``"preview_sent": true``. The JPEG is what the model saw (the ROI at the model's input size, downscaled
+  to ``publisher.preview_max_px``); the heatmap is a single-channel PNG of the anomaly map at the same
+  size, value = clip(map / (2 × threshold), 0, 1) × 255, so 128 is the verdict's image threshold.
+
+Previews travel as a message of their own, on a topic of their own, because the v1 decoder refuses a
+verdict with more than three parts: subscribers that never subscribe to ``preview.`` (every release
+before previews, and :class:`linewatch.client.Subscriber` unless asked) receive the verdict messages
+exactly as before, and the daemon sends a preview only while someone subscribes to ``preview.``.
 
 Only the standard library is used so a subscriber needs nothing but pyzmq. The decoder validates
 everything it reads and raises :class:`MessageError` (a ``ValueError``) on anything malformed; it
@@ -23,8 +33,10 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 VERDICT_PREFIX = "verdict."
+PREVIEW_PREFIX = "preview."
 STATUS_TOPIC = "status"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
 MAX_HEADER_BYTES = 1 << 20  # a header is ~1 KB; anything near this is garbage, not a verdict
 MAX_BOXES = 32  # boxes per verdict (largest first); n_regions tells how many there were in all
 CAMERA_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no dots: topics stay unambiguous
@@ -41,6 +53,10 @@ class MessageError(ValueError):
 
 def verdict_topic(camera: str) -> str:
     return VERDICT_PREFIX + camera
+
+
+def preview_topic(camera: str) -> str:
+    return PREVIEW_PREFIX + camera
 
 
 @dataclass(frozen=True)
@@ -75,11 +91,20 @@ class Verdict:
     ref: str | None = None  # source detail, e.g. the file name for dir:// replay
     run_id: str = ""  # changes when the daemon restarts (sequences restart at 0)
     mask_png: bytes | None = None  # not in the header: the optional third part
+    # header "preview_sent": a preview message for this verdict went out just before it (preview.<camera>)
+    preview_sent: bool = False
+    # not on the verdict message: the preview's parts, attached by a subscriber that asked for previews
+    preview_jpeg: bytes | None = None
+    heatmap_png: bytes | None = None
     schema: int = SCHEMA_VERSION
 
     @property
     def has_mask(self) -> bool:
         return self.mask_png is not None
+
+    @property
+    def has_preview(self) -> bool:
+        return self.preview_jpeg is not None
 
     @property
     def failed(self) -> bool:
@@ -113,7 +138,19 @@ class Status:
     schema: int = SCHEMA_VERSION
 
 
-Message = Verdict | Status
+@dataclass
+class Preview:
+    """The frame (JPEG) and anomaly heatmap (PNG) of one verdict: see the module docstring."""
+
+    camera: str
+    sequence: int
+    run_id: str
+    preview_jpeg: bytes
+    heatmap_png: bytes
+    schema: int = SCHEMA_VERSION
+
+
+Message = Verdict | Status | Preview
 
 
 # --------------------------------------------------------------------------- encoding
@@ -160,6 +197,8 @@ def encode_verdict(v: Verdict) -> list[bytes]:
         "ref": v.ref,
         "run_id": v.run_id,
     }
+    if v.preview_sent:  # only then: headers of a daemon without previews stay as they were
+        header["preview_sent"] = True
     parts = [verdict_topic(v.camera).encode("ascii"), _dumps(header)]
     if v.mask_png is not None:
         parts.append(v.mask_png)
@@ -179,8 +218,24 @@ def encode_status(s: Status) -> list[bytes]:
     return [STATUS_TOPIC.encode("ascii"), _dumps(header)]
 
 
+def encode_preview(p: Preview) -> list[bytes]:
+    if not CAMERA_NAME_RE.match(p.camera):
+        raise MessageError(f"camera name {p.camera!r} is not valid in a topic")
+    if not p.preview_jpeg.startswith(JPEG_SIGNATURE):
+        raise MessageError("preview_jpeg is not a JPEG image")
+    if not p.heatmap_png.startswith(PNG_SIGNATURE):
+        raise MessageError("heatmap_png is not a PNG image")
+    header = {"schema": SCHEMA_VERSION, "type": "preview", "camera": p.camera, "sequence": int(p.sequence),
+              "run_id": p.run_id}
+    return [preview_topic(p.camera).encode("ascii"), _dumps(header), p.preview_jpeg, p.heatmap_png]
+
+
 def encode(msg: Message) -> list[bytes]:
-    return encode_verdict(msg) if isinstance(msg, Verdict) else encode_status(msg)
+    if isinstance(msg, Verdict):
+        return encode_verdict(msg)
+    if isinstance(msg, Preview):
+        return encode_preview(msg)
+    return encode_status(msg)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -285,7 +340,22 @@ def _decode_verdict(topic: str, h: dict[str, Any], mask: bytes | None) -> Verdic
         ref=_get(h, "ref", str, optional=True),
         run_id=_get(h, "run_id", str, optional=True) or "",
         mask_png=mask,
+        preview_sent=_get(h, "preview_sent", bool, optional=True) or False,
     )
+
+
+def _decode_preview(topic: str, h: dict[str, Any], jpeg: bytes, png: bytes) -> Preview:
+    camera = _get(h, "camera", str)
+    if not CAMERA_NAME_RE.match(camera):
+        raise MessageError(f"camera name {camera!r} is not valid")
+    if topic != preview_topic(camera):
+        raise MessageError(f"topic {topic!r} does not match camera {camera!r}")
+    if not jpeg.startswith(JPEG_SIGNATURE):
+        raise MessageError("preview part is not a JPEG image")
+    if not png.startswith(PNG_SIGNATURE):
+        raise MessageError("heatmap part is not a PNG image")
+    return Preview(camera=camera, sequence=_int(h, "sequence"), run_id=_get(h, "run_id", str, optional=True) or "",
+                   preview_jpeg=jpeg, heatmap_png=png)
 
 
 def _check_status(s: Status) -> None:
@@ -340,10 +410,10 @@ def _decode_status(h: dict[str, Any]) -> Status:
 
 
 def decode(parts: list[bytes] | tuple[bytes, ...]) -> Message:
-    """Parse one multipart message; raise :class:`MessageError` if it is not a valid verdict or status."""
-    if not isinstance(parts, (list, tuple)) or not 2 <= len(parts) <= 3:
+    """Parse one multipart message; raise :class:`MessageError` if it is not a valid verdict, status or preview."""
+    if not isinstance(parts, (list, tuple)) or not 2 <= len(parts) <= 4:
         n = len(parts) if isinstance(parts, (list, tuple)) else "?"
-        raise MessageError(f"expected 2 or 3 message parts, got {n}")
+        raise MessageError(f"expected 2 or 3 message parts (4 for a preview), got {n}")
     if not all(isinstance(p, (bytes, bytearray, memoryview)) for p in parts):
         raise MessageError("message parts must be bytes")
     parts = [bytes(p) for p in parts]
@@ -351,6 +421,15 @@ def decode(parts: list[bytes] | tuple[bytes, ...]) -> Message:
         topic = parts[0].decode("ascii")
     except UnicodeDecodeError:
         raise MessageError("topic is not ASCII") from None
+    if topic.startswith(PREVIEW_PREFIX):
+        if len(parts) != 4:
+            raise MessageError(f"a preview has 4 message parts, got {len(parts)}")
+        h = _header(parts[1])
+        if h.get("type") != "preview":
+            raise MessageError("preview topic with a non-preview header")
+        return _decode_preview(topic, h, parts[2], parts[3])
+    if len(parts) == 4:
+        raise MessageError("expected 2 or 3 message parts, got 4")
     h = _header(parts[1])
     mask = parts[2] if len(parts) == 3 else None
     if topic == STATUS_TOPIC:

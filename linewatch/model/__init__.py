@@ -1,4 +1,5 @@
-"""STFPM model: backbones, the teacher–student network, the bundle file and the loaded detector."""
+"""STFPM model: backbones, the teacher–student network, the bundle file, the loaded detector and its
+inference engines (:mod:`linewatch.model.engines`)."""
 
 from linewatch.model.bundle import BundleMeta, Calibration, load_bundle, save_bundle
 from linewatch.model.detector import Detector, Prediction, load_detector, resolve_device

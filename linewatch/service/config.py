@@ -39,7 +39,7 @@ class ModelConfig(_Section):
     engine: Literal["auto", "eager", "jit", "compile", "reference"] = Field(
         "auto", description="how the model runs: auto (what measured fastest for the backbone and device), "
         "eager (BatchNorm folded), jit (TorchScript, CPU), compile (torch.compile: needs a C++ compiler, slow "
-        "start), reference (unoptimised); see README \"Performance\"")
+        "start), reference (unoptimised); see docs/performance.md")
 
 
 class BatchingConfig(_Section):
@@ -147,6 +147,13 @@ class PublisherConfig(_Section):
         "count", description="count: a message a subscriber cannot take is sent to nobody and counted; "
         "per_subscriber: ZeroMQ's default, only the slow subscriber misses it (seen as sequence gaps)")
     masks: Literal["fail", "all", "none"] = "fail"
+    preview: Literal["none", "fail", "all", "every_nth"] = Field(
+        "none", description="send the frame (JPEG) and anomaly heatmap (PNG) on preview.<camera> for: none | fail | "
+        "all | every_nth (every fail and every preview_every_n-th frame); only while someone subscribes to them")
+    preview_every_n: int = Field(10, ge=1, le=1_000_000, description="every_nth: one frame in this many per camera")
+    preview_max_px: int = Field(320, ge=16, le=4096, description="longest side of the preview JPEG and heatmap")
+    preview_max_per_s: float = Field(2.0, gt=0, le=1000, description="previews per second per camera at most; "
+                                     "over it a preview is skipped and counted")
     heartbeat_s: PositiveFloat = 5.0
     linger_ms: int = Field(1000, ge=0, le=60_000, description="at shutdown, time to flush queued messages")
     wait_for_subscriber_s: float = Field(
@@ -185,7 +192,8 @@ class DaemonConfig(_Section):
 
 
 class HealthConfig(_Section):
-    """Drift and camera-health checks, on a sample of frames in their own thread (off the inference path)."""
+    """The ``health:`` section configures the drift monitor (:mod:`linewatch.service.observers.drift`): drift
+    and camera-condition checks, on a sample of frames in their own thread (off the inference path)."""
 
     enabled: bool = True
     window: int = Field(500, ge=10, le=100_000, description="verdicts per camera in the rolling fail rate / median")
@@ -273,9 +281,9 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+def _model_at(loc: tuple[Any, ...], root: type[BaseModel] | None = None) -> type[BaseModel] | None:
     """The section class that a validation error location points into (for listing allowed keys)."""
-    cls: Any = LinewatchConfig
+    cls: Any = root or LinewatchConfig
     for part in loc:
         if isinstance(part, int):
             continue
@@ -291,11 +299,11 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return cls
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: dict[str, Any], root: type[BaseModel] | None = None) -> str:
     loc = tuple(err.get("loc", ()))
     where = _loc(loc)
     if err.get("type") == "extra_forbidden":
-        parent = _model_at(loc[:-1])
+        parent = _model_at(loc[:-1], root)
         allowed = f" (allowed: {', '.join(parent.model_fields)})" if parent is not None else ""
         return f"{where}: unknown key{allowed}"
     if err.get("type") == "missing":
@@ -306,9 +314,10 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{where}: {msg}{shown}"
 
 
-def format_validation_error(exc: ValidationError, origin: str) -> str:
+def format_validation_error(exc: ValidationError, origin: str, root: type[BaseModel] | None = None) -> str:
+    """One line; ``root``: the model validated (default: the daemon's), for listing allowed keys."""
     errors = exc.errors()
-    parts = [_describe(e) for e in errors[:3]]
+    parts = [_describe(e, root) for e in errors[:3]]
     more = f"; and {len(errors) - 3} more" if len(errors) > 3 else ""
     text = f"config {origin}: " + "; ".join(parts) + more
     return text.replace("\r", "\\r").replace("\n", "\\n")  # always one line

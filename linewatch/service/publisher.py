@@ -3,6 +3,12 @@
 The worker hands verdicts over through a bounded queue (full → the oldest is dropped and counted), so
 publishing never slows inference; PNG encoding of masks happens here, off the worker thread.
 
+Previews (``publisher.preview``, for ``linewatch view``): the worker asks :meth:`Publisher.wants_preview`
+for each verdict — policy, someone subscribed to ``preview.<camera>``, and a per-camera rate cap
+(``preview_max_per_s``, token bucket) — and only then hands over the frame and anomaly map. The JPEG and
+heatmap PNG are encoded here, sent as their own message just before the verdict (see
+:mod:`linewatch.messages`), and counted (``linewatch_previews_total``, ``linewatch_previews_skipped_total``).
+
 The socket is an XPUB (a PUB that also tells us about subscriptions: used to hold a replay until
 someone listens). Every send is non-blocking. With ``hwm_policy: count`` (default) the socket has
 ``XPUB_NODROP``: a message that a subscriber at its high-water mark cannot take is refused, not
@@ -11,7 +17,7 @@ price: one stalled subscriber makes everyone miss messages while it is stalled. 
 is ZeroMQ's plain PUB behaviour: only the slow subscriber misses messages (it sees sequence gaps),
 which the daemon cannot count.
 
-With ``publisher.curve`` the socket is a CURVE server (encrypted; see README "Security"); with
+With ``publisher.curve`` the socket is a CURVE server (encrypted; see docs/security.md); with
 ``authorized_clients_dir`` a ZAP handler (pyzmq's ThreadAuthenticator, on the same context) admits
 only the listed client keys, and refusals are counted and logged.
 """
@@ -32,7 +38,17 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from linewatch.errors import ConfigError
-from linewatch.messages import MessageError, Status, Verdict, encode_status, encode_verdict
+from linewatch.messages import (
+    PREVIEW_PREFIX,
+    MessageError,
+    Preview,
+    Status,
+    Verdict,
+    encode_preview,
+    encode_status,
+    encode_verdict,
+    preview_topic,
+)
 from linewatch.service.config import PublisherConfig
 from linewatch.service.telemetry.prometheus import Metrics
 
@@ -40,6 +56,9 @@ log = structlog.get_logger("linewatch.publisher")
 
 STATUS_QUEUE = 256  # status messages are rare; this only fills if sending is impossible
 SEND_CHUNK = 64  # items taken per lock acquisition
+PREVIEW_JPEG_QUALITY = 80
+
+PreviewImages = tuple[np.ndarray, np.ndarray]  # (frame RGB at the model's input size, anomaly map at model size)
 
 
 def encode_mask_png(mask: np.ndarray, roi: tuple[int, int, int, int] | None, frame_w: int, frame_h: int) -> bytes:
@@ -54,6 +73,33 @@ def encode_mask_png(mask: np.ndarray, roi: tuple[int, int, int, int] | None, fra
     if not ok:
         raise MessageError("PNG encoding of the mask failed")
     return buf.tobytes()
+
+
+def encode_preview_images(image_rgb: np.ndarray, amap: np.ndarray, threshold: float,
+                          max_px: int) -> tuple[bytes, bytes]:
+    """(JPEG of the frame, PNG of the heatmap), both with the longest side ≤ ``max_px`` (never upscaled).
+
+    The heatmap is single-channel uint8: clip(map / (2 × threshold), 0, 1) × 255, so 128 is the image
+    threshold (the scale of the archive's overlays); it has the JPEG's size, so the two overlay exactly.
+    """
+    h, w = image_rgb.shape[:2]
+    scale = min(1.0, max_px / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # (w, h) for OpenCV
+    img = cv2.resize(image_rgb, size, interpolation=cv2.INTER_AREA) if size != (w, h) else image_rgb
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY,
+                                                                          PREVIEW_JPEG_QUALITY])
+    if not ok:
+        raise MessageError("JPEG encoding of the preview failed")
+    m = amap.astype(np.float32, copy=False)
+    if m.shape != (size[1], size[0]):
+        shrink = m.shape[0] * m.shape[1] > size[0] * size[1]
+        m = cv2.resize(m, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    k = 255.0 / (2.0 * threshold) if threshold > 0 else 0.0
+    heat = np.clip(np.nan_to_num(m * k + 0.5, nan=0.0, posinf=255.0, neginf=0.0), 0, 255).astype(np.uint8)
+    ok, png = cv2.imencode(".png", heat, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise MessageError("PNG encoding of the heatmap failed")
+    return jpeg.tobytes(), png.tobytes()
 
 
 def _refuse_live_ipc(endpoint: str) -> None:
@@ -130,7 +176,7 @@ class Publisher:
         self._sock: zmq.Socket | None = None
         self.endpoint: str | None = None
         self._cond = threading.Condition()
-        self._verdicts: deque[tuple[Verdict, np.ndarray | None]] = deque()
+        self._verdicts: deque[tuple[Verdict, np.ndarray | None, PreviewImages | None]] = deque()
         self._status: deque[Status] = deque()
         self._closing = False
         self._close_deadline = 0.0
@@ -141,6 +187,12 @@ class Publisher:
         self._auth: ThreadAuthenticator | None = None  # ZAP handler when CURVE clients are authenticated
         self._clients: AuthorizedClients | None = None
         self.public_key: bytes | None = None  # the server's CURVE public key (Z85) when CURVE is on
+        # previews: topics subscribed on the socket (XPUB reports the first subscribe and the last unsubscribe
+        # of each topic), kept by the publisher thread and swapped whole so the worker reads it without a lock
+        self._topics: dict[bytes, int] = {}
+        self._preview_topics: frozenset[bytes] = frozenset()
+        self._preview_lock = threading.Lock()
+        self._preview_tokens: dict[str, tuple[float, float]] = {}  # camera → (tokens, monotonic time)
 
     # -- setup (main thread)
 
@@ -219,12 +271,43 @@ class Publisher:
 
     # -- producers (any thread)
 
-    def submit_verdict(self, verdict: Verdict, mask: np.ndarray | None = None) -> None:
+    def preview_subscribed(self, camera: str) -> bool:
+        """Someone subscribes to a prefix of ``preview.<camera>`` (an empty subscription matches it too)."""
+        topic = preview_topic(camera).encode("ascii")
+        return any(topic.startswith(t) for t in self._preview_topics)
+
+    def wants_preview(self, verdict: Verdict) -> bool:
+        """Called by the worker for every verdict: should it hand over the frame and map for a preview?
+        Policy first (free), then a subscriber to ``preview.<camera>``, then the camera's rate cap; the
+        last two are counted in ``linewatch_previews_skipped_total`` when they say no."""
+        policy = self.cfg.preview
+        if policy == "none" or (policy == "fail" and not verdict.failed):
+            return False
+        if policy == "every_nth" and not verdict.failed and verdict.sequence % self.cfg.preview_every_n:
+            return False
+        if not self.preview_subscribed(verdict.camera):
+            self.metrics.previews_skipped.labels("no_subscriber").inc()
+            return False
+        rate = self.cfg.preview_max_per_s
+        burst = max(1.0, rate)
+        now = time.monotonic()
+        with self._preview_lock:
+            tokens, last = self._preview_tokens.get(verdict.camera, (burst, now))
+            tokens = min(burst, tokens + (now - last) * rate)
+            ok = tokens >= 1.0
+            self._preview_tokens[verdict.camera] = (tokens - 1.0 if ok else tokens, now)
+        if not ok:
+            self.metrics.previews_skipped.labels("rate_limit").inc()
+        return ok
+
+    def submit_verdict(self, verdict: Verdict, mask: np.ndarray | None = None,
+                       preview: PreviewImages | None = None) -> None:
+        """Queue a verdict; ``preview`` (frame, anomaly map) only when :meth:`wants_preview` said so."""
         dropped = None
         with self._cond:
             if len(self._verdicts) >= self.queue_size:
                 dropped = self._verdicts.popleft()
-            self._verdicts.append((verdict, mask))
+            self._verdicts.append((verdict, mask, preview))
             self.metrics.queue_depth.labels("publish").set(len(self._verdicts))
             self._cond.notify()
         if dropped is not None:
@@ -285,8 +368,8 @@ class Publisher:
                     self._send_status(s)
                 if items:
                     t_pub = time.monotonic()
-                    for v, mask in items:
-                        self._send_verdict(v, mask)
+                    for v, mask, preview in items:
+                        self._send_verdict(v, mask, preview)
                     self.metrics.stage["publish"].inc(time.monotonic() - t_pub)  # `linewatch bench --profile`
                 self._poll_subscriptions()
                 now = time.monotonic()
@@ -302,7 +385,7 @@ class Publisher:
                     with self._cond:
                         left = list(self._verdicts)
                         self._verdicts.clear()
-                    for v, _ in left:
+                    for v, *_ in left:
                         self.metrics.drop(v.camera, "shutdown")
                     log.warning("publisher_drain_timeout", verdicts_dropped=len(left))
                     break
@@ -339,13 +422,45 @@ class Publisher:
                 topic = msg[1:].decode("ascii", "replace")
                 log.info("subscribed", topic=topic or "(all)")
                 self.subscribed.set()
+                self._track_topic(msg[1:], +1)
+            elif msg[:1] == b"\x00":
+                self._track_topic(msg[1:], -1)
+
+    def _track_topic(self, topic: bytes, delta: int) -> None:
+        n = self._topics.get(topic, 0) + delta
+        if n > 0:
+            self._topics[topic] = n
+        else:
+            self._topics.pop(topic, None)
+        prefix = PREVIEW_PREFIX.encode("ascii")
+        # the topics that can match some preview.<camera>: prefixes of "preview." and longer ones under it
+        self._preview_topics = frozenset(t for t in self._topics if prefix.startswith(t) or t.startswith(prefix))
 
     def _send(self, parts: list[bytes]) -> bool:
         assert self._sock is not None
         self._sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=len(parts[-1]) < 65536)
         return True
 
-    def _send_verdict(self, v: Verdict, mask: np.ndarray | None) -> None:
+    def _send_preview(self, v: Verdict, image: np.ndarray, amap: np.ndarray) -> None:
+        """The preview message, just before its verdict; on success the verdict says ``preview_sent``."""
+        try:
+            jpeg, png = encode_preview_images(image, amap, v.threshold, self.cfg.preview_max_px)
+            parts = encode_preview(Preview(camera=v.camera, sequence=v.sequence, run_id=v.run_id,
+                                           preview_jpeg=jpeg, heatmap_png=png))
+            self._send(parts)
+        except zmq.Again:
+            self.metrics.previews_skipped.labels("publish_hwm").inc()
+            return
+        except Exception as exc:  # never lose the verdict over its preview
+            self.metrics.previews_skipped.labels("error").inc()
+            log.error("preview_failed", camera=v.camera, seq=v.sequence, error=f"{type(exc).__name__}: {exc}")
+            return
+        self.metrics.previews.labels(v.camera).inc()
+        v.preview_sent = True
+
+    def _send_verdict(self, v: Verdict, mask: np.ndarray | None, preview: PreviewImages | None = None) -> None:
+        if preview is not None:
+            self._send_preview(v, *preview)
         try:
             if mask is not None:
                 v.mask_png = encode_mask_png(mask, v.roi, v.frame_width, v.frame_height)

@@ -1,8 +1,8 @@
 """Inference worker: micro-batches frames from all cameras, runs the model once per batch, turns each
 anomaly map into a verdict, defect boxes and (optionally) a mask, and hands them to the publisher.
 
-It sees the model only through :class:`linewatch.model.Detector`'s public surface: ``input_size``,
-``predict``, ``calibration``, ``model_id``.
+It sees the model only through the :class:`linewatch.service.detector.Detector` protocol: ``input_size``,
+``predict``, ``calibration``, ``model_id``, ``device``.
 """
 
 from __future__ import annotations
@@ -20,15 +20,17 @@ import structlog
 import torch
 
 from linewatch.messages import MAX_BOXES, Box, Verdict
-from linewatch.service.capture import Frame, FrameQueue
+from linewatch.service.frames import Frame, FrameQueue
 from linewatch.service.telemetry.prometheus import Metrics
 
 if TYPE_CHECKING:
-    from linewatch.model import Detector
+    from linewatch.service.detector import Detector
 
 log = structlog.get_logger("linewatch.worker")
 
-PublishFn = Callable[[Verdict, "np.ndarray | None"], None]  # (verdict, ROI-size mask or None)
+# (verdict, ROI-size mask or None); called with preview=(frame RGB, anomaly map) only when PreviewFn said yes
+PublishFn = Callable[..., None]
+PreviewFn = Callable[[Verdict], bool]  # Publisher.wants_preview: policy, subscribers, rate cap
 Observer = Callable[["Frame", Verdict, np.ndarray], None]  # (frame, verdict, anomaly map at model size)
 SwapCallback = Callable[[str, "Detector"], None]  # (old model_id, new detector): called on the worker thread
 MAX_CONSECUTIVE_FAILURES = 3  # batches in a row: then the worker reports itself unhealthy (watchdog)
@@ -105,7 +107,7 @@ class InferenceWorker(threading.Thread):
     def __init__(self, detector: Detector, queue: FrameQueue, publish: PublishFn, metrics: Metrics, *,
                  max_batch: int = 8, max_wait_ms: float = 10.0, masks: str = "fail", run_id: str | None = None,
                  poll_s: float = 0.1, observers: list[Observer] | None = None,
-                 oom_recovery_s: float | None = OOM_RECOVERY_S):
+                 oom_recovery_s: float | None = OOM_RECOVERY_S, preview: PreviewFn | None = None):
         super().__init__(name="inference", daemon=True)
         self.detector = detector
         self.queue = queue
@@ -114,6 +116,7 @@ class InferenceWorker(threading.Thread):
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.masks = masks
+        self.preview = preview
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.poll_s = poll_s
         # called with every verdict after it is handed to the publisher (health, archive): each must only
@@ -332,12 +335,16 @@ class InferenceWorker(threading.Thread):
             frame_height=f.frame_size[1], boxes=defects.boxes, n_regions=defects.n_regions,
             defect_area=defects.area, roi=f.roi, ref=f.ref, run_id=self.run_id,
         )
-        self.metrics.frames.labels(f.camera, verdict).inc()
+        self.metrics.verdicts.labels(f.camera, verdict).inc()
         self.metrics.latency.labels(f.camera).observe(max(0.0, now_mono - f.capture_mono))
         if self.image_threshold > 0:
             self.metrics.score_ratio.labels(f.camera).observe(score / self.image_threshold)
         self.frames_done += 1
-        self.publish(v, defects.mask)
+        if self.preview is not None and self.preview(v):
+            # a copy of the map: a view would keep the whole batch's maps alive until the publisher encodes it
+            self.publish(v, defects.mask, preview=(f.image, amap.copy()))
+        else:
+            self.publish(v, defects.mask)
         for observe in self.observers:
             try:
                 observe(f, v, amap)

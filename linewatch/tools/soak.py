@@ -1,9 +1,9 @@
 """``linewatch soak``: run the daemon for N minutes under load and check that nothing leaks or goes missing.
 
 It starts ``linewatch run`` on the given config as a child process — on free loopback ports, without
-CURVE, JSON logs — subscribes to every verdict, and samples the child every ``--sample-s`` seconds:
-resident memory (``VmRSS`` in ``/proc/PID/status``), open file descriptors (``/proc/PID/fd``) and its
-``/metrics``. At the end it sends SIGTERM, waits for the drain, and reconciles::
+CURVE, JSON logs — subscribes to every verdict, and samples the child's ``/metrics`` every ``--sample-s``
+seconds: its counters, resident memory (``process_resident_memory_bytes``) and open file descriptors
+(``process_open_fds``). At the end it sends SIGTERM, waits for the drain, and reconciles::
 
     frames in (captured, sequence numbers used) == verdicts published + frames dropped (by reason)
     verdicts published == verdicts this subscriber received
@@ -21,21 +21,22 @@ Example (the bottle test images in a loop, at full rate)::
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from linewatch.errors import LinewatchError
+from linewatch.tools.harness import (
+    DaemonProcess,
+    VerdictCounter,
+    metric_total,
+    process_stats,
+    scrape,
+    subprocess_env,
+)
 
 WARMUP_MAX_S = 60.0
 START_TIMEOUT_S = 180.0
@@ -78,126 +79,6 @@ class SoakReport:
     samples: list[dict[str, Any]] = field(default_factory=list)
 
 
-def proc_rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise LinewatchError(f"no VmRSS for process {pid}")
-
-
-def proc_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _scrape(url: str) -> dict[str, float]:
-    """Totals of the few counters the soak follows."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name in ("linewatch_frames_captured_total", "linewatch_frames_total",
-                          "linewatch_frames_dropped_total"):
-                out[s.name] = out.get(s.name, 0.0) + s.value
-    return out
-
-
-class _Child:
-    """The daemon process: JSON log lines parsed as they come; only what the soak needs is kept."""
-
-    INTERESTING = ("publisher_bound", "metrics_listening", "ready", "shutdown", "fatal")
-
-    def __init__(self, config: Path):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LINEWATCH_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        env.pop("NOTIFY_SOCKET", None)
-        env.pop("WATCHDOG_USEC", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "linewatch.cli", "run", "--config", str(config)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        self.events: dict[str, dict[str, Any]] = {}
-        self.counts: dict[str, int] = {}
-        self.tail: deque[str] = deque(maxlen=40)
-        self._cond = threading.Condition()
-        self._readers = [threading.Thread(target=self._read, args=(s,), daemon=True)
-                         for s in (self.proc.stderr, self.proc.stdout)]
-        for t in self._readers:
-            t.start()
-
-    def _read(self, stream) -> None:
-        for line in stream:
-            line = line.rstrip("\n")
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                ev = None
-            with self._cond:
-                self.tail.append(line[:2000])
-                if isinstance(ev, dict) and isinstance(ev.get("event"), str):
-                    name = ev["event"]
-                    self.counts[name] = self.counts.get(name, 0) + 1
-                    if name in self.INTERESTING:
-                        self.events.setdefault(name, ev)
-                self._cond.notify_all()
-
-    def wait_event(self, name: str, timeout: float) -> dict[str, Any]:
-        end = time.monotonic() + timeout
-        with self._cond:
-            while name not in self.events:
-                if self.proc.poll() is not None:
-                    self._cond.wait(0.5)
-                    if name in self.events:
-                        break
-                    raise LinewatchError(f"the daemon exited ({self.proc.returncode}) before {name!r}:\n"
-                                         + "\n".join(self.tail))
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise LinewatchError(f"no {name!r} from the daemon within {timeout:g} s:\n" + "\n".join(self.tail))
-                self._cond.wait(min(left, 0.5))
-            return self.events[name]
-
-    def join_readers(self) -> None:
-        for t in self._readers:
-            t.join(5)
-
-
-class _Counter(threading.Thread):
-    """Subscribes to every verdict and counts them per camera, until stopped and quiet."""
-
-    def __init__(self, endpoint: str):
-        super().__init__(name="soak-subscriber", daemon=True)
-        from linewatch.client import Subscriber
-
-        self.sub = Subscriber(endpoint, rcvhwm=1_000_000)
-        self.by_camera: dict[str, int] = {}
-        self.total = 0
-        self.stop_when: threading.Event = threading.Event()
-        self.target: int | None = None  # once known (after shutdown): stop when this many arrived
-
-    def run(self) -> None:
-        from linewatch.messages import Verdict
-
-        quiet_since = None
-        try:
-            while True:
-                msg = self.sub.recv(0.2)
-                if isinstance(msg, Verdict):
-                    self.by_camera[msg.camera] = self.by_camera.get(msg.camera, 0) + 1
-                    self.total += 1
-                    quiet_since = None
-                    continue
-                if self.stop_when.is_set():
-                    if self.target is not None and self.total >= self.target:
-                        return
-                    quiet_since = quiet_since or time.monotonic()
-                    if time.monotonic() - quiet_since > 5.0:
-                        return
-        finally:
-            self.sub.close()
-
-
 def _effective_config(config: str, folder: Path) -> Path:
     """The user's config, validated, on free loopback ports, without CURVE, with JSON logs."""
     import yaml
@@ -223,36 +104,37 @@ def run_soak(config: str, minutes: float, sample_s: float = 5.0, max_rss_growth:
     warmup = min(WARMUP_MAX_S, duration / 4.0)
     report = SoakReport(config=config, minutes=minutes, warmup_s=warmup)
     with tempfile.TemporaryDirectory(prefix="linewatch-soak-") as tmp:
-        child = _Child(_effective_config(config, Path(tmp)))
-        counter: _Counter | None = None
+        # the user's environment minus LINEWATCH_* and systemd's variables; their working directory
+        child = DaemonProcess(_effective_config(config, Path(tmp)), environ=subprocess_env(checkout=False),
+                              cwd=None, max_events=1000, tail_lines=40)
+        counter: VerdictCounter | None = None
         try:
             endpoint = child.wait_event("publisher_bound", START_TIMEOUT_S)["endpoint"]
             url = child.wait_event("metrics_listening", START_TIMEOUT_S)["url"]
-            counter = _Counter(endpoint)
+            counter = VerdictCounter(endpoint, name="soak-subscriber")
             counter.start()
             child.wait_event("ready", START_TIMEOUT_S)
-            pid = child.proc.pid
             t0 = time.monotonic()
             samples: list[Sample] = []
-            print(f"soak: daemon pid {pid} ready; {minutes:g} min, warm-up {warmup:.0f} s, sample every "
+            print(f"soak: daemon pid {child.pid} ready; {minutes:g} min, warm-up {warmup:.0f} s, sample every "
                   f"{sample_s:g} s", file=out, flush=True)
             next_at = t0
             while True:
                 now = time.monotonic()
                 if child.proc.poll() is not None:
-                    report.problems.append(f"the daemon exited early with status {child.proc.returncode}")
+                    report.problems.append(f"the daemon exited early with status {child.returncode}")
                     break
                 if now >= next_at:
                     try:
-                        m = _scrape(url)
-                        rss, fds = proc_rss_kb(pid), proc_fds(pid)
-                    except OSError as exc:
+                        m = scrape(url)
+                        stats = process_stats(m)
+                    except (OSError, LinewatchError) as exc:
                         report.problems.append(f"cannot sample the daemon ({exc})")
                         break
-                    s = Sample(t=round(now - t0, 1), rss_kb=rss, fds=fds,
-                               captured=m.get("linewatch_frames_captured_total", 0.0),
-                               verdicts=m.get("linewatch_frames_total", 0.0),
-                               dropped=m.get("linewatch_frames_dropped_total", 0.0))
+                    s = Sample(t=round(now - t0, 1), rss_kb=stats.rss_kb, fds=stats.open_fds,
+                               captured=metric_total(m, "linewatch_frames_captured_total"),
+                               verdicts=metric_total(m, "linewatch_verdicts_total"),
+                               dropped=metric_total(m, "linewatch_frames_dropped_total"))
                     samples.append(s)
                     if len(samples) == 1 or int(s.t) // 60 != int(samples[-2].t) // 60 or now - t0 >= duration:
                         print(f"soak: t={s.t:6.0f}s rss={s.rss_kb / 1024:.1f} MiB fds={s.fds} "
@@ -267,22 +149,17 @@ def run_soak(config: str, minutes: float, sample_s: float = 5.0, max_rss_growth:
             _judge_resources(report, samples, warmup, max_rss_growth)
         finally:
             if child.proc.poll() is None:
-                t_stop = time.monotonic()
-                child.proc.send_signal(signal.SIGTERM)
-                try:
-                    child.proc.wait(120)
-                    report.shutdown_s = round(time.monotonic() - t_stop, 2)
-                except subprocess.TimeoutExpired:
-                    child.proc.kill()
-                    child.proc.wait(10)
+                took = child.stop(120)
+                if took is None:
                     report.problems.append("the daemon did not exit within 120 s of SIGTERM")
-            child.join_readers()
-            report.exit_code = child.proc.returncode
+                else:
+                    report.shutdown_s = round(took, 2)
+            child.close()
+            report.exit_code = child.returncode
             if counter is not None:
-                shutdown = child.events.get("shutdown")
-                counter.target = int(shutdown.get("published", -1)) if shutdown else None
-                counter.stop_when.set()
-                counter.join(60)
+                shutdown = child.first.get("shutdown")
+                # every verdict published before the exit, or 5 s without any when that number is unknown
+                counter.finish(int(shutdown.get("published", -1)) if shutdown else None, quiet_s=5.0, timeout=60)
                 report.received = counter.total
                 report.received_by_camera = dict(sorted(counter.by_camera.items()))
     _reconcile(report, child)
@@ -308,12 +185,12 @@ def _judge_resources(report: SoakReport, samples: list[Sample], warmup: float, m
         report.problems.append(f"open file descriptors grew from {report.fds_warm} to {report.fds_end}")
 
 
-def _reconcile(report: SoakReport, child: _Child) -> None:
-    shutdown = child.events.get("shutdown")
+def _reconcile(report: SoakReport, child: DaemonProcess) -> None:
+    shutdown = child.first.get("shutdown")
     if report.exit_code not in (0, None):
         report.problems.append(f"the daemon exited with status {report.exit_code}")
-    if "fatal" in child.events:
-        report.problems.append(f"the daemon logged fatal: {child.events['fatal'].get('reason')}")
+    if "fatal" in child.first:
+        report.problems.append(f"the daemon logged fatal: {child.first['fatal'].get('reason')}")
     if shutdown is None:
         report.problems.append("no shutdown event: the daemon did not stop cleanly")
         return

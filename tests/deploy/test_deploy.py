@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
+from linewatch.service.telemetry.prometheus import DEPRECATED_VERDICTS_NAME
 from linewatch.tools.harness import DaemonProcess, free_tcp_port, write_config, write_images
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +39,7 @@ ENV_EXAMPLE = DEPLOY / "systemd" / "linewatch.env.example"
 PROM_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 RULES = DEPLOY / "prometheus" / "linewatch.rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "linewatch.json"
-DEPLOY_README = DEPLOY / "README.md"
+RUNBOOK = ROOT / "docs" / "operations.md"  # the alerts' runbook sections
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 PROMTOOL = shutil.which("promtool")
@@ -264,12 +265,12 @@ def test_rules_document_themselves():
     for want in ("LinewatchCameraDown", "LinewatchFailRateHigh", "LinewatchNoVerdicts", "LinewatchLatencyHigh",
                  "LinewatchTargetDown", "LinewatchFramesDropped"):
         assert want in names
-    readme = DEPLOY_README.read_text()
+    runbook = RUNBOOK.read_text()
     for r in rules:
         ann = r.get("annotations", {})
         assert ann.get("summary") and ann.get("description"), f"{r['alert']}: summary/description missing"
-        assert ann.get("runbook") == f"deploy/README.md#{r['alert'].lower()}", r["alert"]
-        assert re.search(rf"^#+ {r['alert']}\s*$", readme, re.M), f"deploy/README.md has no section {r['alert']}"
+        assert ann.get("runbook") == f"docs/operations.md#{r['alert'].lower()}", r["alert"]
+        assert re.search(rf"^#+ {r['alert']}\s*$", runbook, re.M), f"docs/operations.md has no section {r['alert']}"
         assert r.get("labels", {}).get("severity") in ("critical", "warning"), r["alert"]
 
 
@@ -289,8 +290,8 @@ RULE_TESTS: list[dict[str, Any]] = [
      "checks": [(8, "LinewatchTargetMissing", [])]},
     {"name": "no verdicts once the counters stop while the daemon is scraped",
      "series": {f"up{{{J}}}": "1x25",
-                f'linewatch_frames_total{{{J}, camera="c1", verdict="pass"}}': "0+10x5 50x20",
-                f'linewatch_frames_total{{{J}, camera="c1", verdict="fail"}}': "0x25"},
+                f'linewatch_verdicts_total{{{J}, camera="c1", verdict="pass"}}': "0+10x5 50x20",
+                f'linewatch_verdicts_total{{{J}, camera="c1", verdict="fail"}}': "0x25"},
      "checks": [(9, "LinewatchNoVerdicts", []), (17, "LinewatchNoVerdicts", [{}])]},
     {"name": "camera down for over a minute",
      "series": {f'linewatch_camera_up{{{J}, camera="c1"}}': "1x3 0x6",
@@ -305,12 +306,12 @@ RULE_TESTS: list[dict[str, Any]] = [
                 f'linewatch_camera_up{{{J}, camera="c3"}}': "1x15"},
      "checks": [(10, "LinewatchCameraFlapping", [{"camera": "c1"}])]},
     {"name": "fail rate: 33% fires; 5% and low-volume 50% do not",
-     "series": {f'linewatch_frames_total{{{J}, camera="c1", verdict="pass"}}': "0+60x10",
-                f'linewatch_frames_total{{{J}, camera="c1", verdict="fail"}}': "0+30x10",
-                f'linewatch_frames_total{{{J}, camera="c2", verdict="pass"}}': "0+60x10",
-                f'linewatch_frames_total{{{J}, camera="c2", verdict="fail"}}': "0+3x10",
-                f'linewatch_frames_total{{{J}, camera="c3", verdict="pass"}}': "0+2x10",
-                f'linewatch_frames_total{{{J}, camera="c3", verdict="fail"}}': "0+2x10"},
+     "series": {f'linewatch_verdicts_total{{{J}, camera="c1", verdict="pass"}}': "0+60x10",
+                f'linewatch_verdicts_total{{{J}, camera="c1", verdict="fail"}}': "0+30x10",
+                f'linewatch_verdicts_total{{{J}, camera="c2", verdict="pass"}}': "0+60x10",
+                f'linewatch_verdicts_total{{{J}, camera="c2", verdict="fail"}}': "0+3x10",
+                f'linewatch_verdicts_total{{{J}, camera="c3", verdict="pass"}}': "0+2x10",
+                f'linewatch_verdicts_total{{{J}, camera="c3", verdict="fail"}}': "0+2x10"},
      "checks": [(8, "LinewatchFailRateHigh", [{"camera": "c1"}])]},
     {"name": "p99 latency above 1 s for 10 minutes",
      "series": {**{f'linewatch_latency_seconds_bucket{{{J}, camera="c1", le="{le}"}}': v
@@ -319,8 +320,8 @@ RULE_TESTS: list[dict[str, Any]] = [
                    for le, v in [("0.5", "0+10x20"), ("1.0", "0+10x20"), ("2.5", "0+10x20"), ("+Inf", "0+10x20")]}},
      "checks": [(6, "LinewatchLatencyHigh", []), (15, "LinewatchLatencyHigh", [{"camera": "c1"}])]},
     {"name": "drops above 5% by reason; shutdown drops and zero reasons do not count",
-     "series": {f'linewatch_frames_total{{{J}, camera="c1", verdict="pass"}}': "0+100x20",
-                f'linewatch_frames_total{{{J}, camera="c1", verdict="fail"}}': "0x20",
+     "series": {f'linewatch_verdicts_total{{{J}, camera="c1", verdict="pass"}}': "0+100x20",
+                f'linewatch_verdicts_total{{{J}, camera="c1", verdict="fail"}}': "0x20",
                 f'linewatch_frames_dropped_total{{{J}, camera="c1", reason="queue_full"}}': "0+20x20",
                 f'linewatch_frames_dropped_total{{{J}, camera="c1", reason="decode_error"}}': "0x20",
                 f'linewatch_frames_dropped_total{{{J}, camera="c1", reason="shutdown"}}': "0+50x20"},
@@ -398,7 +399,7 @@ def substitute(expr: str) -> str:
 
 
 def exported_sample_names() -> set[str]:
-    """Every sample name the daemon's registry exposes (the source of truth: linewatch/metrics.py)."""
+    """Every sample name the daemon's registry exposes (the source of truth: its Metrics, docs/metrics.md)."""
     from linewatch.service.telemetry.prometheus import Metrics
 
     m = Metrics()
@@ -436,7 +437,7 @@ def test_dashboard_structure():
         assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
     exprs = dashboard_exprs(dash)
     text = " ".join(e for _, e in exprs)
-    for name in ("linewatch_frames_total", "linewatch_latency_seconds_bucket", "linewatch_score_ratio_bucket",
+    for name in ("linewatch_verdicts_total", "linewatch_latency_seconds_bucket", "linewatch_score_ratio_bucket",
                  "linewatch_frames_dropped_total", "linewatch_reconnects_total", "linewatch_camera_up",
                  "linewatch_inference_seconds_bucket", "linewatch_batch_size_bucket", "linewatch_queue_depth",
                  "linewatch_model_info"):
@@ -463,7 +464,10 @@ def test_dashboard_and_rules_use_exported_metric_names():
         for name in metric_names(r["expr"]):
             used.setdefault(name, set()).add(f"alert {r['alert']}")
     unknown = {n: sorted(w) for n, w in used.items() if n not in exported}
-    assert not unknown, f"names not exported by linewatch/metrics.py: {unknown}"
+    assert not unknown, f"names not exported by linewatch.service.telemetry.prometheus: {unknown}"
+    # the deprecated alias is for dashboards deployed before 0.2.0, never for ours
+    deprecated = {n: sorted(w) for n, w in used.items() if n == f"{DEPRECATED_VERDICTS_NAME}_total"}
+    assert not deprecated, f"deprecated names in use: {deprecated}"
 
 
 # --------------------------------------------------------------------------- a real Prometheus
@@ -577,8 +581,13 @@ def test_real_prometheus_scrapes_daemon_dashboard_and_alerts(tmp_path, untrained
         wait_for(target_up, 20, "linewatch target up", why)
         # ≥ 4 scrapes inside the 10 s rate window, with frames flowing between them
         wait_for(lambda: finite_values(api.query('count_over_time(up{job="linewatch"}[10s]) >= 4'))
-                 and finite_values(api.query('sum(rate(linewatch_frames_total{job="linewatch"}[10s])) > 0')),
+                 and finite_values(api.query('sum(rate(linewatch_verdicts_total{job="linewatch"}[10s])) > 0')),
                  30, "several scrapes with verdicts", why)
+        # a dashboard made before 0.2.0 still finds the verdict counter under its deprecated name
+        old = api.query(f'sum by (camera, verdict) (rate({DEPRECATED_VERDICTS_NAME}_total{{job="linewatch"}}[10s]))')
+        assert {(s["metric"]["camera"], s["metric"]["verdict"]) for s in old["data"]["result"]} == \
+            {(c, v) for c in ("line1", "dead") for v in ("pass", "fail")}, old
+        assert sum(finite_values(old)) > 0, old
 
         dash = dashboard()
         failures = []

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import zmq
+from fakes import stalled_subscriber
 
 from linewatch.client import Subscriber
 from linewatch.messages import Status, Verdict, decode
@@ -20,6 +21,7 @@ from linewatch.tools.harness import (
     free_tcp_port,
     linewatch_cmd,
     metric,
+    metric_total,
     subprocess_env,
     wait_until,
     write_config,
@@ -112,34 +114,28 @@ def test_end_to_end_two_cameras_bottle(tmp_path, bottle, bottle_bundle):
     # /metrics counts what we received
     for cam, vs in by_cam.items():
         for verdict in ("pass", "fail"):
-            assert metric(samples, "linewatch_frames_total", camera=cam, verdict=verdict) == \
+            assert metric(samples, "linewatch_verdicts_total", camera=cam, verdict=verdict) == \
                 sum(v.verdict == verdict for v in vs)
         assert metric(samples, "linewatch_frames_captured_total", camera=cam) == len(vs)
         assert metric(samples, "linewatch_latency_seconds_count", camera=cam) == len(vs)
         assert metric(samples, "linewatch_camera_up", camera=cam) == 0  # ended
     assert metric(samples, "linewatch_messages_published_total", topic="verdict") == total
-    assert sum(v for (name, _), v in samples.items() if name == "linewatch_frames_dropped_total") == 0
+    assert metric_total(samples, "linewatch_frames_dropped_total") == 0
     assert metric(samples, "linewatch_batch_size_sum") == total
     info = [labels for (name, labels), v in samples.items() if name == "linewatch_model_info"]
     assert dict(info[0])["model_id"] == det.model_id and dict(info[0])["backbone"] == "mobilenet_v2"
     assert shutdown["frames"] == total and shutdown["reason"] == "SIGTERM"
 
 
-def test_camera_disappears_and_returns_with_status_metrics_and_sd_notify(tmp_path, untrained_bundle):
-    folder, away = tmp_path / "cam", tmp_path / "cam-away"
-    write_images(folder, 4)
-    write_images(tmp_path / "steady", 3, seed=1)
+def test_camera_disappears_and_returns_with_status_metrics_and_sd_notify(tmp_path, folder_camera, daemon_config):
+    folder, away = tmp_path / "flaky", tmp_path / "flaky-away"
     notify_path = tmp_path / "notify.sock"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
     notify.settimeout(0.2)
-    cams = [
-        {"name": "flaky", "source": f"dir://{folder}", "fps": 20, "on_end": "loop",
-         "reconnect": {"initial_s": 0.05, "max_s": 0.2, "jitter": 0.1}},
-        {"name": "steady", "source": f"dir://{tmp_path / 'steady'}", "fps": 10, "on_end": "loop"},
-    ]
-    cfg = write_config(tmp_path / "lw.yaml", untrained_bundle, cams,
-                       publisher={"wait_for_subscriber_s": 60, "masks": "all"})
+    cams = [folder_camera("flaky", 4, fps=20, reconnect={"initial_s": 0.05, "max_s": 0.2, "jitter": 0.1}),
+            folder_camera("steady", 3, seed=1, fps=10)]
+    cfg = daemon_config(cams, publisher={"wait_for_subscriber_s": 60, "masks": "all"})
     notes: list[str] = []
 
     def read_notes() -> None:
@@ -219,28 +215,19 @@ def test_camera_disappears_and_returns_with_status_metrics_and_sd_notify(tmp_pat
     notify.close()
 
 
-def test_stalled_subscriber_does_not_slow_the_pipeline(tmp_path, untrained_bundle):
-    write_images(tmp_path / "cam", 4, size=(240, 320))
-    cams = [{"name": "cam", "source": f"dir://{tmp_path / 'cam'}", "fps": 40, "on_end": "loop"}]
-    cfg = write_config(tmp_path / "lw.yaml", untrained_bundle, cams,
-                       publisher={"sndhwm": 1, "sndbuf": 2048, "masks": "all", "wait_for_subscriber_s": 60})
+def test_stalled_subscriber_does_not_slow_the_pipeline(folder_camera, daemon_config):
+    cfg = daemon_config([folder_camera("cam", 4, size=(240, 320), fps=40)],
+                        publisher={"sndhwm": 1, "sndbuf": 2048, "masks": "all", "wait_for_subscriber_s": 60})
     ctx = zmq.Context()
     with DaemonProcess(cfg) as d:
-        stalled = ctx.socket(zmq.SUB)
-        stalled.setsockopt(zmq.RCVHWM, 1)
-        stalled.setsockopt(zmq.RCVBUF, 2048)
-        stalled.setsockopt(zmq.LINGER, 0)
-        stalled.setsockopt_string(zmq.SUBSCRIBE, "verdict.")
-        stalled.connect(d.endpoint)
+        stalled = stalled_subscriber(ctx, d.endpoint)
         try:
             d.wait_event("ready", timeout=60)
             # the subscriber reads nothing; the daemon must go on and count what it could not deliver
             wait_until(lambda: metric(d.scrape(), "linewatch_frames_dropped_total", camera="cam",
                                       reason="publish_hwm") >= 5, 60, interval=0.2, what="publish_hwm drops")
-            frames = metric(d.scrape(), "linewatch_frames_total", camera="cam", verdict="pass") + \
-                metric(d.scrape(), "linewatch_frames_total", camera="cam", verdict="fail")
-            wait_until(lambda: metric(d.scrape(), "linewatch_frames_total", camera="cam", verdict="pass")
-                       + metric(d.scrape(), "linewatch_frames_total", camera="cam", verdict="fail") >= frames + 20,
+            frames = metric_total(d.scrape(), "linewatch_verdicts_total", camera="cam")  # pass and fail
+            wait_until(lambda: metric_total(d.scrape(), "linewatch_verdicts_total", camera="cam") >= frames + 20,
                        60, interval=0.2, what="verdicts keep coming while the subscriber is stalled")
             samples = d.scrape()
             assert metric(samples, "linewatch_camera_up", camera="cam") == 1
@@ -303,8 +290,7 @@ def test_replay_job_exits_cleanly_when_sources_end(tmp_path, untrained_bundle):
     cfg = write_config(tmp_path / "lw.yaml", untrained_bundle, cams, daemon={"exit_when_sources_end": True})
     with DaemonProcess(cfg) as d:
         assert d.proc.wait(120) == 0
-        for t in d._readers:
-            t.join(5)
+        d.join_readers()
         shutdown = d.wait_event("shutdown", timeout=1)
         assert shutdown["reason"] == "sources ended" and shutdown["frames"] == 3
         assert shutdown["dropped_by_reason"] == {"decode_error": 1}

@@ -17,9 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import struct
-import threading
 import time
 from pathlib import Path
 
@@ -27,10 +24,18 @@ import cv2
 import numpy as np
 import pytest
 import zmq
+from fakes import MJPEGCamera, stalled_subscriber
 
 from linewatch.client import Subscriber
 from linewatch.messages import Status, Verdict
-from linewatch.tools.harness import DaemonProcess, free_tcp_port, metric, wait_until, write_config, write_images
+from linewatch.tools.harness import (
+    DaemonProcess,
+    VerdictCounter,
+    free_tcp_port,
+    metric,
+    metric_total,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -38,54 +43,22 @@ pytestmark = pytest.mark.slow
 # --------------------------------------------------------------------------- helpers
 
 
-class Collector(threading.Thread):
-    """A subscriber that reads everything in the background (verdicts and status)."""
-
-    def __init__(self, endpoint: str, **kw):
-        super().__init__(daemon=True)
-        self.sub = Subscriber(endpoint, status=True, rcvhwm=1_000_000, **kw)
-        self.verdicts: list[Verdict] = []
-        self.statuses: list[Status] = []
-        self._halt = threading.Event()
-        self.lock = threading.Lock()
-        self.start()
-
-    def run(self) -> None:
-        try:
-            while not self._halt.is_set():
-                msg = self.sub.recv(0.1)
-                with self.lock:
-                    if isinstance(msg, Verdict):
-                        self.verdicts.append(msg)
-                    elif isinstance(msg, Status):
-                        self.statuses.append(msg)
-        finally:
-            self.sub.close()
-
-    def of(self, camera: str) -> list[Verdict]:
-        with self.lock:
-            return [v for v in self.verdicts if v.camera == camera]
-
-    def camera_events(self, camera: str) -> list[Status]:
-        with self.lock:
-            return [s for s in self.statuses if s.kind == "camera" and s.camera == camera]
-
-    def finish(self, expected: int, timeout: float = 30.0) -> None:
-        """Stop once ``expected`` verdicts arrived (or after ``timeout``)."""
-        wait_until(lambda: len(self.verdicts) >= expected, timeout, what=f"{expected} verdicts received")
-        time.sleep(0.3)  # anything beyond expected would be a bug: give it a moment to show up
-        self._halt.set()
-        self.join(5)
+def collector(endpoint: str) -> VerdictCounter:
+    """A subscriber that reads and keeps everything in the background (verdicts and status)."""
+    col = VerdictCounter(endpoint, status=True, keep=100_000)
+    col.start()
+    return col
 
 
-def stop_and_reconcile(d: DaemonProcess, col: Collector, cameras: list[str], allowed_drops: set[str]
+def stop_and_reconcile(d: DaemonProcess, col: VerdictCounter, cameras: list[str], allowed_drops: set[str]
                        ) -> dict:
     """SIGTERM → exit 0; then, per camera, frames read = verdicts received + frames dropped."""
     assert d.terminate(60) == 0, d.log_text()[-3000:]
     shutdown = d.wait_event("shutdown", timeout=5)
-    col.finish(shutdown["published"])
+    # everything published; then 0.3 s without a message, in which a verdict beyond that (a bug) would show
+    assert col.finish(shutdown["published"], quiet_s=30, settle_s=0.3), (col.total, shutdown["published"])
     assert set(shutdown["dropped_by_reason"]) <= allowed_drops, shutdown["dropped_by_reason"]
-    assert len(col.verdicts) == shutdown["published"]
+    assert col.evicted == 0 and len(col.verdicts) == col.total == shutdown["published"]
     for cam in cameras:
         seqs = [v.sequence for v in col.of(cam)]
         assert len(seqs) == len(set(seqs)), f"{cam}: a sequence number delivered twice"
@@ -94,77 +67,10 @@ def stop_and_reconcile(d: DaemonProcess, col: Collector, cameras: list[str], all
     return shutdown
 
 
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-# --------------------------------------------------------------------------- a camera that can be killed
-
-
-def jpeg(i: int, size=(120, 160)) -> bytes:
-    img = np.full((*size, 3), (i * 29) % 256, np.uint8)
-    cv2.putText(img, str(i), (10, 60), cv2.FONT_HERSHEY_SIMPLEX, 1.5, (255, 255, 255), 2)
-    return cv2.imencode(".jpg", img)[1].tobytes()
-
-
-class KillableMJPEGCamera:
-    """An HTTP MJPEG camera on a raw socket. ``kill()`` cuts every stream in the middle of a JPEG part
-    and resets the connections (RST), as a camera losing power or a cable being pulled would."""
-
-    def __init__(self, port: int = 0):
-        self.srv = socket.socket()
-        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.srv.bind(("127.0.0.1", port))
-        self.srv.listen(8)
-        self.port = self.srv.getsockname()[1]
-        self.killed = threading.Event()
-        self.parts_sent = 0
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.killed.is_set():
-            try:
-                conn, _ = self.srv.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            conn.recv(65536)  # the request; any path streams
-            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: multipart/x-mixed-replace; boundary=fr\r\n\r\n")
-            i = 0
-            while True:
-                data = jpeg(i)
-                part = b"--fr\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(data) + data + b"\r\n"
-                if self.killed.is_set():
-                    conn.sendall(part[: len(part) // 2])  # half a frame, then the line goes dead
-                    break
-                conn.sendall(part)
-                self.parts_sent += 1
-                i += 1
-                time.sleep(0.02)
-        except OSError:
-            pass
-        finally:
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
-            conn.close()
-
-    def kill(self) -> None:
-        self.killed.set()
-        self.srv.close()
-        deadline = time.monotonic() + 5
-        while any(c.fileno() != -1 for c in self.conns) and time.monotonic() < deadline:
-            time.sleep(0.02)
+def next_heartbeat(col: VerdictCounter, timeout: float = 10.0) -> Status:
+    n = len(col.statuses)
+    wait_until(lambda: any(s.kind == "heartbeat" for s in col.statuses[n:]), timeout, what="a heartbeat")
+    return [s for s in col.statuses[n:] if s.kind == "heartbeat"][-1]
 
 
 def write_bad_files(folder: Path) -> dict[str, str]:
@@ -191,22 +97,19 @@ def write_bad_files(folder: Path) -> dict[str, str]:
 
 
 def test_network_camera_killed_mid_frame_and_restarted_while_files_camera_skips_corrupt_files(
-        tmp_path, untrained_bundle):
-    files = tmp_path / "files"
-    good = [p.name for p in write_images(files, 6)]
-    bad = write_bad_files(files)
-    cam = KillableMJPEGCamera()
+        tmp_path, folder_camera, daemon_config):
+    files = folder_camera("files", 6, fps=25)
+    good = {f"{i:03d}.png" for i in range(6)}
+    bad = write_bad_files(tmp_path / "files")
+    cam = MJPEGCamera(size=(120, 160))
     port = cam.port
-    cams = [
-        {"name": "net", "source": f"http://127.0.0.1:{port}/video.mjpg", "fps": 20, "timeout_s": 1,
-         "reconnect": {"initial_s": 0.1, "max_s": 0.8, "jitter": 0.1}},
-        {"name": "files", "source": f"dir://{files}", "fps": 25, "on_end": "loop"},
-    ]
-    cfg = write_config(tmp_path / "lw.yaml", untrained_bundle, cams, publisher={"wait_for_subscriber_s": 60})
+    net = {"name": "net", "source": cam.url("/video.mjpg"), "fps": 20, "timeout_s": 1,
+           "reconnect": {"initial_s": 0.1, "max_s": 0.8, "jitter": 0.1}}
+    cfg = daemon_config([net, files], publisher={"wait_for_subscriber_s": 60})
     with DaemonProcess(cfg) as d:
-        col = Collector(d.endpoint)
+        col = collector(d.endpoint)
         try:
-            wait_until(lambda: len(col.of("net")) >= 5 and len(col.of("files")) >= 8, 60, what="both cameras")
+            wait_until(lambda: col.count("net") >= 5 and col.count("files") >= 8, 60, what="both cameras")
             last_before = max(v.sequence for v in col.of("net"))
 
             cam.kill()  # mid-frame, connection reset, nothing listening any more
@@ -222,11 +125,11 @@ def test_network_camera_killed_mid_frame_and_restarted_while_files_camera_skips_
                 [e["retry_in_s"] for e in d.find("camera_still_down", camera="net")[:3]]
             assert 0.09 <= delays[0] <= 0.11 and delays == sorted(delays) and max(delays) <= 0.8, delays
             # the other camera is unaffected while this one is down
-            n_files = len(col.of("files"))
-            wait_until(lambda: len(col.of("files")) >= n_files + 10, 30, what="files camera going on")
+            n_files = col.count("files")
+            wait_until(lambda: col.count("files") >= n_files + 10, 30, what="files camera going on")
             assert metric(d.scrape(), "linewatch_reconnects_total", camera="files") == 0
 
-            cam = KillableMJPEGCamera(port)  # the camera comes back on the same address
+            cam = MJPEGCamera(port, size=(120, 160))  # the camera comes back on the same address
             wait_until(lambda: any(s.state == "up" for s in col.camera_events("net")[1:]), 30, what="net up")
             wait_until(lambda: len([v for v in col.of("net") if v.sequence > last_before]) >= 5, 30,
                        what="net verdicts after the restart")
@@ -234,79 +137,70 @@ def test_network_camera_killed_mid_frame_and_restarted_while_files_camera_skips_
             assert metric(samples, "linewatch_camera_up", camera="net") == 1
             assert metric(samples, "linewatch_reconnects_total", camera="net") >= 3
             assert [s.state for s in col.camera_events("net")][:3] == ["up", "down", "up"]
-            hb = wait_for_heartbeat(col)
+            hb = next_heartbeat(col)
             assert hb.cameras == {"net": "up", "files": "up"}
         finally:
             cam.kill()
         shutdown = stop_and_reconcile(d, col, ["net", "files"], allowed_drops={"decode_error", "queue_full"})
 
     # the folder: only good files got verdicts; every bad one was skipped, counted and logged by name
-    assert {v.ref for v in col.of("files")} == set(good)
+    assert {v.ref for v in col.of("files")} == good
     logged = d.find("decode_error", camera="files")
     assert {e["file"] for e in logged} == set(bad)
     assert all(e["action"] == "skipped" and e["file"] in e["error"] for e in logged)
     assert shutdown["dropped_by_reason"]["decode_error"] == len(logged)  # one count per skipped file read
     assert not d.find("decode_error", camera="net")
     print(f"net+files: read {({c: n + 1 for c, n in shutdown['last_seq'].items()})}, received "
-          f"{ {c: len(col.of(c)) for c in ('net', 'files')} }, dropped {shutdown['dropped_by_camera']} "
+          f"{ {c: col.count(c) for c in ('net', 'files')} }, dropped {shutdown['dropped_by_camera']} "
           f"{shutdown['dropped_by_reason']}, net reconnects {len(d.find('reconnect', camera='net'))}, "
           f"retry delays {delays}")
-
-
-def wait_for_heartbeat(col: Collector, timeout: float = 10.0) -> Status:
-    n = len(col.statuses)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with col.lock:
-            hbs = [s for s in col.statuses[n:] if s.kind == "heartbeat"]
-        if hbs:
-            return hbs[-1]
-        time.sleep(0.05)
-    raise AssertionError("no heartbeat")
 
 
 # --------------------------------------------------------------------------- subscriber churn
 
 
-def test_subscribers_that_stall_and_vanish_cause_no_stall_and_no_growth(tmp_path, untrained_bundle):
-    write_images(tmp_path / "cam", 4, size=(240, 320))
-    cams = [{"name": "cam", "source": f"dir://{tmp_path / 'cam'}", "fps": 40, "on_end": "loop"}]
-    cfg = write_config(tmp_path / "lw.yaml", untrained_bundle, cams,
-                       publisher={"sndhwm": 5, "sndbuf": 2048, "masks": "all", "wait_for_subscriber_s": 60})
+def test_subscribers_that_stall_and_vanish_cause_no_stall_and_no_growth(folder_camera, daemon_config):
+    cfg = daemon_config([folder_camera("cam", 4, size=(240, 320), fps=40)],
+                        publisher={"sndhwm": 5, "sndbuf": 2048, "masks": "all", "wait_for_subscriber_s": 60})
     ctx = zmq.Context()
+
+    def made() -> float:
+        return metric_total(d.scrape(), "linewatch_verdicts_total")
 
     def churn(cycles: int) -> None:
         """Connect, subscribe, read at most one message, stall, disconnect without a word."""
         for i in range(cycles):
-            s = ctx.socket(zmq.SUB)
-            s.setsockopt(zmq.RCVHWM, 1)
-            s.setsockopt(zmq.RCVBUF, 2048)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt_string(zmq.SUBSCRIBE, "verdict." if i % 2 else "")
-            s.connect(d.endpoint)
+            s = stalled_subscriber(ctx, d.endpoint, topic="verdict." if i % 2 else "")
             if i % 3 == 0 and s.poll(500):
                 s.recv_multipart()
-            time.sleep(0.4)  # 16 verdicts at 40 fps: more than its share of buffers (HWM 5, 2 KiB)
+            # stalled while 16 verdicts are made: more than its share of buffers (HWM 5, 2 KiB)
+            n = made()
+            wait_until(lambda n=n: made() >= n + 16, 30, interval=0.1, what="verdicts while a subscriber stalls")
             s.close()
 
     with DaemonProcess(cfg) as d:
-        col = Collector(d.endpoint)
+        col = collector(d.endpoint)
         try:
             d.wait_event("ready", 60)
-            pid = d.proc.pid
+            wait_until(lambda: col.count() > 0, 60, what="the first verdict")
+            base = d.process_stats()
             churn(6)  # warm-up: allocator pools, ZeroMQ pipes, the first buffers
-            time.sleep(1.0)
-            rss0, fds0 = rss_kb(pid), open_fds(pid)
-            got = [len(col.verdicts)]
+            # the warm-up's connections are torn down in the daemon before the baseline is taken
+            wait_until(lambda: d.process_stats().open_fds <= base.open_fds, 30, interval=0.1,
+                       what=f"open fds back to {base.open_fds} after the warm-up churn")
+            before = d.process_stats()
+            got = [col.count()]
             for _ in range(4):
                 churn(5)
-                got.append(len(col.verdicts))
-            time.sleep(1.0)  # let ZeroMQ finish tearing down the last pipes
-            rss1, fds1 = rss_kb(pid), open_fds(pid)
+                got.append(col.count())
+            # 20 subscribers came and went: no socket stays behind once ZeroMQ has torn down their pipes
+            wait_until(lambda: d.process_stats().open_fds <= before.open_fds + 2, 30, interval=0.1,
+                       what=f"open fds back to ≤ {before.open_fds} + 2 after the churn")
+            after = d.process_stats()
             # the well-behaved subscriber kept getting verdicts in every phase of the churn
             assert all(b > a for a, b in zip(got, got[1:], strict=False)), got
-            n = len(col.verdicts)
-            wait_until(lambda: len(col.verdicts) >= n + 20, 30, what="fresh verdicts after the churn")
+            n = col.count()
+            wait_until(lambda: col.count() >= n + 20, 30, what="fresh verdicts after the churn")
             samples = d.scrape()
             assert metric(samples, "linewatch_camera_up", camera="cam") == 1
             assert not [e for e in d.find("health") if e.get("healthy") is False]
@@ -315,33 +209,33 @@ def test_subscribers_that_stall_and_vanish_cause_no_stall_and_no_growth(tmp_path
         shutdown = stop_and_reconcile(d, col, ["cam"], allowed_drops={"publish_hwm", "queue_full"})
     # the stalls were real: with hwm_policy count, what a stalled subscriber could not take was counted
     assert shutdown["dropped_by_reason"].get("publish_hwm", 0) > 0
-    # 20 subscribers came and went: no socket and no memory stays behind (generous margins: the
-    # allocator may keep a few MiB; a leaked pipe per subscriber would hold its queued masks)
-    assert fds1 <= fds0 + 2, (fds0, fds1)
-    assert rss1 - rss0 < 24 * 1024, f"RSS grew {(rss1 - rss0) / 1024:.1f} MiB over 20 stalled subscribers"
-    print(f"churn: rss {rss0 / 1024:.1f} → {rss1 / 1024:.1f} MiB, fds {fds0} → {fds1}, "
-          f"drops {shutdown['dropped_by_reason']}, verdicts received {len(col.verdicts)}")
+    # and no memory stays behind (generous margins: the allocator may keep a few MiB; a leaked pipe per
+    # subscriber would hold its queued masks)
+    assert after.open_fds <= before.open_fds + 2, (before, after)
+    grown_kb = after.rss_kb - before.rss_kb
+    assert grown_kb < 24 * 1024, f"RSS grew {grown_kb / 1024:.1f} MiB over 20 stalled subscribers"
+    print(f"churn: rss {before.rss_kb / 1024:.1f} → {after.rss_kb / 1024:.1f} MiB, fds {base.open_fds} → "
+          f"{before.open_fds} → {after.open_fds}, drops {shutdown['dropped_by_reason']}, "
+          f"verdicts received {col.count()}")
 
 
 # --------------------------------------------------------------------------- kill -9, restart, SIGTERM under load
 
 
-def test_sigkill_then_restart_on_the_same_ports_then_sigterm_under_full_load(tmp_path, untrained_bundle):
-    write_images(tmp_path / "a", 5, size=(120, 160), seed=1)
-    write_images(tmp_path / "b", 5, size=(120, 160), seed=2)
+def test_sigkill_then_restart_on_the_same_ports_then_sigterm_under_full_load(folder_camera, daemon_config):
     pub_port, metrics_port = free_tcp_port(), free_tcp_port()
     # full rate: no fps cap, small queues, so the worker is the bottleneck and frames pile up
-    cams = [{"name": n, "source": f"dir://{tmp_path / n}", "on_end": "loop"} for n in ("a", "b")]
-    cfg = write_config(tmp_path / "lw.yaml", untrained_bundle, cams,
-                       batching={"max_batch": 8, "frame_queue": 8, "max_wait_ms": 5},
-                       publisher={"bind": f"tcp://127.0.0.1:{pub_port}", "sndhwm": 1_000_000, "linger_ms": 5000},
-                       metrics={"port": metrics_port}, daemon={"drain_timeout_s": 30})
+    cams = [folder_camera(n, 5, size=(120, 160), seed=seed) for n, seed in (("a", 1), ("b", 2))]
+    cfg = daemon_config(cams, batching={"max_batch": 8, "frame_queue": 8, "max_wait_ms": 5},
+                        publisher={"bind": f"tcp://127.0.0.1:{pub_port}", "sndhwm": 1_000_000, "linger_ms": 5000},
+                        metrics={"port": metrics_port}, daemon={"drain_timeout_s": 30})
 
     with DaemonProcess(cfg) as first:
         old = Subscriber(f"tcp://127.0.0.1:{pub_port}")  # stays connected across the kill
         assert old.recv(60) is not None
         first.proc.send_signal(signal.SIGKILL)
         assert first.proc.wait(10) == -signal.SIGKILL
+        first.join_readers()
         assert not first.find("shutdown")  # no chance to clean up anything
         while old.recv(0.3) is not None:  # what the first run had already sent
             pass
@@ -349,7 +243,7 @@ def test_sigkill_then_restart_on_the_same_ports_then_sigterm_under_full_load(tmp
     with DaemonProcess(cfg) as d:  # same ports at once: nothing stale blocks the bind
         assert d.wait_event("publisher_bound", 60)["endpoint"] == f"tcp://127.0.0.1:{pub_port}"
         assert d.wait_event("metrics_listening", 60)["port"] == metrics_port
-        col = Collector(d.endpoint)
+        col = collector(d.endpoint)
         try:
             # the subscriber from before the kill reconnects by itself and gets the new run's verdicts
             v = old.recv(60)
@@ -357,14 +251,14 @@ def test_sigkill_then_restart_on_the_same_ports_then_sigterm_under_full_load(tmp
         finally:
             old.close()
         wait_until(lambda: metric(d.scrape(), "linewatch_frames_dropped_total", camera="a",
-                                  reason="queue_full") > 0 and len(col.verdicts) >= 40, 60,
+                                  reason="queue_full") > 0 and col.count() >= 40, 60,
                    what="full load: the frame queues overflow")
         t0 = time.monotonic()
         shutdown = stop_and_reconcile(d, col, ["a", "b"], allowed_drops={"queue_full"})
         stop_s = time.monotonic() - t0
     # every frame that entered the worker's queue and was not pushed out by a newer one got its verdict
     # published before exit; nothing was dropped for "shutdown"
-    assert shutdown["reason"] == "SIGTERM" and shutdown["frames"] == shutdown["published"] == len(col.verdicts)
+    assert shutdown["reason"] == "SIGTERM" and shutdown["frames"] == shutdown["published"] == col.count()
     assert stop_s < 60
     print(f"sigterm under load: in {sum(s + 1 for s in shutdown['last_seq'].values())}, "
           f"published {shutdown['published']}, dropped {shutdown['dropped_by_reason']}, "
@@ -383,7 +277,8 @@ def _variant(src: Path, dst: Path, change) -> Path:
     return dst
 
 
-def test_sighup_reloads_a_replaced_model_between_batches_and_rejects_bad_files(tmp_path, untrained_bundle):
+def test_sighup_reloads_a_replaced_model_between_batches_and_rejects_bad_files(
+        tmp_path, untrained_bundle, folder_camera, daemon_config):
     from linewatch.model import load_bundle
 
     model = tmp_path / "model.lwm"
@@ -414,12 +309,10 @@ def test_sighup_reloads_a_replaced_model_between_batches_and_rejects_bad_files(t
         shutil.copy(src, tmp)
         os.replace(tmp, model)
 
-    cams = [{"name": "cam", "source": f"dir://{tmp_path / 'imgs'}", "fps": 30, "on_end": "loop"}]
-    write_images(tmp_path / "imgs", 4)
-    cfg = write_config(tmp_path / "lw.yaml", model, cams, publisher={"wait_for_subscriber_s": 60})
+    cfg = daemon_config([folder_camera("imgs", 4, fps=30)], bundle=model, publisher={"wait_for_subscriber_s": 60})
     with DaemonProcess(cfg) as d:
-        col = Collector(d.endpoint)
-        wait_until(lambda: len(col.verdicts) >= 5, 60, what="verdicts")
+        col = collector(d.endpoint)
+        wait_until(lambda: col.count() >= 5, 60, what="verdicts")
         assert {v.model_id for v in col.verdicts} == {old_id}
 
         replace(new)
@@ -444,8 +337,8 @@ def test_sighup_reloads_a_replaced_model_between_batches_and_rejects_bad_files(t
             ev = d.find("model_reload_rejected")[-1]
             assert ev["model_id"] == new_bundle.model_id and ev["action"] == "kept the running model", ev
             assert "\n" not in ev["reason"] and ev["reason"], ev
-        n = len(col.verdicts)
-        wait_until(lambda: len(col.verdicts) >= n + 10, 30, what="verdicts after the rejections")
+        n = col.count()
+        wait_until(lambda: col.count() >= n + 10, 30, what="verdicts after the rejections")
         samples = d.scrape()
         assert metric(samples, "linewatch_model_reload_total", result="rejected") == len(bad)
         assert metric(samples, "linewatch_model_reload_total", result="unchanged") == 1
@@ -453,7 +346,7 @@ def test_sighup_reloads_a_replaced_model_between_batches_and_rejects_bad_files(t
         assert d.proc.poll() is None  # SIGHUP never ends the daemon
         failed = d.find("inference_failed")
         assert not failed, failed
-        shutdown = stop_and_reconcile(d, col, ["cam"], allowed_drops={"queue_full"})
+        shutdown = stop_and_reconcile(d, col, ["imgs"], allowed_drops={"queue_full"})
 
     reasons = {what: ev["reason"] for what, ev in zip(bad, d.find("model_reload_rejected"), strict=True)}
     assert "corrupt" in reasons["corrupt"]

@@ -13,7 +13,8 @@ import structlog
 import torch
 
 from linewatch.model import Calibration, Prediction
-from linewatch.service.capture import Frame, FrameQueue
+from linewatch.service.detector import Detector
+from linewatch.service.frames import Frame, FrameQueue
 from linewatch.service.telemetry.prometheus import Metrics
 from linewatch.service.worker import OOM_ERRORS, InferenceWorker
 from linewatch.tools.harness import wait_until
@@ -36,6 +37,7 @@ class FakeDetector:
         self.model_id = model_id
         self.meta = SimpleNamespace(backbone="fake")
         self.device = torch.device("cpu")
+        self.engine = "fake"
         self.calibration = Calibration(image_threshold=threshold, pixel_threshold=threshold - 0.1, alpha=0.1,
                                        false_reject_bound=0.1, scores=[0.1, 0.2, 0.3, 0.45])
         self.fits = fits
@@ -56,6 +58,13 @@ class FakeDetector:
         time.sleep(self.delay)
         maps = batch.float().amax(-1) / 255.0
         return Prediction(maps=maps, scores=maps.flatten(1).amax(1))
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        pass  # nothing to build
+
+
+def test_the_fake_detector_is_a_service_detector():
+    assert isinstance(FakeDetector(), Detector)
 
 
 def mk_frame(cam: str, seq: int, bright: bool, too_big: bool = False) -> Frame:
@@ -168,13 +177,16 @@ class OOMAbove:
     def __init__(self, det, fits: int):
         self.det, self.fits, self.calls = det, fits, []
         self.input_size, self.model_id, self.meta, self.device = det.input_size, det.model_id, det.meta, det.device
-        self.calibration = det.calibration
+        self.engine, self.calibration = det.engine, det.calibration
 
     def predict(self, batch: torch.Tensor) -> Prediction:
         self.calls.append(batch.shape[0])
         if batch.shape[0] > self.fits:
             raise torch.OutOfMemoryError(f"CUDA out of memory (simulated above {self.fits} frames)")
         return self.det.predict(batch)
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        self.det.warm_up(batch_sizes)
 
 
 def test_oom_split_with_the_real_model_gives_the_offline_verdicts(untrained_bundle, bottle):
@@ -189,6 +201,7 @@ def test_oom_split_with_the_real_model_gives_the_offline_verdicts(untrained_bund
     frames = [Frame("cam", i, time.time(), time.monotonic(), data.images[i].copy(), (900, 900), (0, 0, 900, 900),
                     ref=paths[i].name) for i in range(len(paths))]
     wrapped = OOMAbove(det, fits=3)
+    assert isinstance(det, Detector) and isinstance(wrapped, Detector)
     items, m, w, _ = drain_worker(frames, wrapped, max_batch=8)
     got = {v.sequence: v for v, _ in items}
     assert sorted(got) == list(range(len(paths)))

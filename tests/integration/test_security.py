@@ -8,7 +8,6 @@ import signal
 import socket
 import stat
 import subprocess
-import time
 import urllib.error
 import urllib.request
 
@@ -28,9 +27,11 @@ from linewatch.service.telemetry.prometheus import Metrics, MetricsServer
 from linewatch.tools.harness import (
     ROOT,
     DaemonProcess,
+    free_tcp_port,
     linewatch_cmd,
     metric,
     subprocess_env,
+    wait_until,
     write_config,
     write_images,
 )
@@ -112,7 +113,7 @@ def test_publisher_refuses_unusable_curve_settings_in_one_line(tmp_path):
 
 
 @needs_curve
-def test_only_authorized_subscribers_get_verdicts(tmp_path, untrained_bundle):
+def test_only_authorized_subscribers_get_verdicts(tmp_path, folder_camera, daemon_config):
     keys, clients = tmp_path / "keys", tmp_path / "clients"
     generate_keypair(keys, "server")
     generate_keypair(keys, "alice")
@@ -120,9 +121,7 @@ def test_only_authorized_subscribers_get_verdicts(tmp_path, untrained_bundle):
     clients.mkdir()
     (clients / "alice.key").write_bytes((keys / "alice.key").read_bytes())  # only alice is authorized
 
-    write_images(tmp_path / "cam", 3)
-    cams = [{"name": "cam", "source": f"dir://{tmp_path / 'cam'}", "fps": 20, "on_end": "loop"}]
-    cfg = write_config(tmp_path / "lw.yaml", untrained_bundle, cams, publisher={
+    cfg = daemon_config([folder_camera("cam", 3, fps=20)], publisher={
         "wait_for_subscriber_s": 60,
         "curve": {"server_secret_key": str(keys / "server.key_secret"), "authorized_clients_dir": "clients"}})
     data = yaml.safe_load(cfg.read_text())
@@ -142,7 +141,9 @@ def test_only_authorized_subscribers_get_verdicts(tmp_path, untrained_bundle):
         ev = d.wait_event("curve_enabled", 30)
         assert ev["client_auth"] is True and ev["authorized_clients"] == 1
         assert ev["server_public_key"] == read_public_key(server_key).decode()
-        time.sleep(1.0)
+        # both CURVE handshakes (mallory, the throwaway key) refused: by then any wrong admission would show
+        wait_until(lambda: metric(d.scrape(), "linewatch_subscribers_refused_total") >= 2, 30,
+                   what="the unknown client keys refused")
         assert not d.find("subscriber_wait_over")  # nobody unauthorized counts as a subscriber
         alice = Subscriber(endpoint, curve=curve("alice"))
         try:
@@ -207,7 +208,7 @@ def test_metrics_default_to_loopback_only():
     server = MetricsServer(Metrics(), cfg.host, 0)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as resp:
-            assert b"linewatch_frames_total" in resp.read() or resp.status == 200
+            assert b"linewatch_verdicts_total" in resp.read() or resp.status == 200
         assert_loopback_only(server.port)
         with pytest.raises(urllib.error.URLError):
             urllib.request.urlopen(f"http://127.0.0.2:{server.port}/metrics", timeout=2)
@@ -270,19 +271,17 @@ def test_systemd_hardening_is_kept():
 
 
 def test_camera_passwords_never_reach_logs_or_status_messages():
-    from linewatch.service.capture import MJPEGSource, OpenCVSource, SourceError, redact_url
+    from linewatch.service.frames import SourceError
+    from linewatch.service.sources import redact_url
+    from linewatch.service.sources.mjpeg import MJPEGSource
+    from linewatch.service.sources.opencv import OpenCVSource
 
     assert redact_url("rtsp://admin:s3cret@10.0.0.21:554/stream1") == "rtsp://10.0.0.21:554/stream1"
     assert redact_url("rtsp://10.0.0.21/stream1") == "rtsp://10.0.0.21/stream1"
-    src = OpenCVSource("rtsp", f"rtsp://admin:s3cret@127.0.0.1:{free_port()}/stream1", 0.5, loop=False)
+    src = OpenCVSource("rtsp", f"rtsp://admin:s3cret@127.0.0.1:{free_tcp_port()}/stream1", 0.5, loop=False)
     assert "s3cret" not in src.description and "127.0.0.1" in src.description
     with pytest.raises(SourceError) as exc:
         src.open()  # nothing listens there: "cannot open …" goes to the log and the status topic
     assert "s3cret" not in str(exc.value) and "admin" not in str(exc.value)
     assert "s3cret" not in MJPEGSource("http://admin:s3cret@cam:8080/video", 1).description
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -7,17 +7,14 @@ import subprocess
 
 import pytest
 
-from linewatch.tools.harness import ROOT, linewatch_cmd, subprocess_env, write_config, write_images
+from linewatch.tools.harness import ROOT, linewatch_cmd, subprocess_env
 from linewatch.tools.soak import Sample, SoakReport, _judge_resources, format_report
 
 
 @pytest.mark.soak
 @pytest.mark.slow
-def test_soak_one_minute(tmp_path, untrained_bundle):
-    write_images(tmp_path / "a", 8, size=(120, 160), seed=1)
-    write_images(tmp_path / "b", 8, size=(120, 160), seed=2)
-    cams = [{"name": n, "source": f"dir://{tmp_path / n}", "fps": 50, "on_end": "loop"} for n in ("a", "b")]
-    cfg = write_config(tmp_path / "soak.yaml", untrained_bundle, cams)
+def test_soak_one_minute(tmp_path, folder_camera, daemon_config):
+    cfg = daemon_config([folder_camera(n, 8, size=(120, 160), seed=seed, fps=50) for n, seed in (("a", 1), ("b", 2))])
     out = tmp_path / "soak.json"
     proc = subprocess.run(linewatch_cmd("soak", "--config", str(cfg), "--minutes", "1", "--json", str(out)),
                           cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=400)

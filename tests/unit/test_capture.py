@@ -5,25 +5,18 @@ from __future__ import annotations
 import random
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import cv2
 import numpy as np
 import pytest
 import structlog
+from fakes import MJPEGCamera
 
-from linewatch.service.capture import (
-    CameraThread,
-    DirSource,
-    Frame,
-    FrameQueue,
-    MJPEGSource,
-    RawFrame,
-    SourceError,
-    backoff_delay,
-    prepare,
-)
+from linewatch.service.capture import CameraThread, backoff_delay, prepare
 from linewatch.service.config import CameraConfig, ReconnectConfig
+from linewatch.service.frames import Frame, FrameQueue, RawFrame, SourceError
+from linewatch.service.sources.files import DirSource
+from linewatch.service.sources.mjpeg import MJPEGSource
 from linewatch.service.telemetry.prometheus import Metrics
 from linewatch.tools.harness import wait_until, write_images
 
@@ -270,64 +263,9 @@ def test_video_file_source(tmp_path):
 # --------------------------------------------------------------------------- MJPEG over HTTP
 
 
-def jpeg(i: int) -> bytes:
-    img = np.full((48, 64, 3), (i * 37) % 256, np.uint8)
-    return cv2.imencode(".jpg", img)[1].tobytes()
-
-
-class MJPEGServer:
-    """A test camera: multipart/x-mixed-replace JPEGs at /stream (/nolength: parts without
-    Content-Length, /corrupt: every third part is not a JPEG, /page: not a stream)."""
-
-    def __init__(self, port: int = 0):
-        outer = self
-        self.stopping = threading.Event()
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                if self.path == "/page":
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/html")
-                    self.end_headers()
-                    self.wfile.write(b"<html></html>")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.end_headers()
-                i = 0
-                try:
-                    while not outer.stopping.is_set():
-                        data = b"garbage" if self.path == "/corrupt" and i % 3 == 2 else jpeg(i)
-                        head = b"--frame\r\nContent-Type: image/jpeg\r\n"
-                        if self.path != "/nolength":
-                            head += b"Content-Length: %d\r\n" % len(data)
-                        self.wfile.write(head + b"\r\n" + data + b"\r\n")
-                        self.wfile.flush()
-                        i += 1
-                        time.sleep(0.01)
-                except OSError:
-                    pass
-
-        ThreadingHTTPServer.allow_reuse_address = True
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.stopping.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
-
-
 @pytest.mark.parametrize("path", ["/stream", "/nolength"])
 def test_mjpeg_frames(path):
-    srv = MJPEGServer()
+    srv = MJPEGCamera()
     m, q = Metrics(), FrameQueue(1000)
     cam = run_camera(camera(f"http://127.0.0.1:{srv.port}{path}", timeout_s=2), q, m)
     try:
@@ -343,7 +281,7 @@ def test_mjpeg_frames(path):
 
 
 def test_mjpeg_corrupt_parts_are_counted_not_fatal():
-    srv = MJPEGServer()
+    srv = MJPEGCamera()
     m, q = Metrics(), FrameQueue(1000)
     cam = run_camera(camera(f"http://127.0.0.1:{srv.port}/corrupt", timeout_s=2), q, m)
     try:
@@ -357,7 +295,7 @@ def test_mjpeg_corrupt_parts_are_counted_not_fatal():
 
 
 def test_mjpeg_server_stopped_and_restarted_reconnects():
-    srv = MJPEGServer()
+    srv = MJPEGCamera()
     port = srv.port
     m, q, states = Metrics(), FrameQueue(10_000), []
     col = Collector(q)
@@ -368,7 +306,7 @@ def test_mjpeg_server_stopped_and_restarted_reconnects():
         wait_until(lambda: cam.state == "down", 10, what="camera down")
         assert value(m, "linewatch_camera_up", camera="cam") == 0
         n = len(col.frames)
-        srv = MJPEGServer(port)
+        srv = MJPEGCamera(port)
         wait_until(lambda: cam.state == "up" and len(col.frames) > n + 2, 15, what="camera back up")
     finally:
         cam.stop()
@@ -382,7 +320,7 @@ def test_mjpeg_server_stopped_and_restarted_reconnects():
 
 
 def test_not_an_mjpeg_url_is_a_clear_source_error():
-    srv = MJPEGServer()
+    srv = MJPEGCamera()
     try:
         src = MJPEGSource(f"http://user:secret@127.0.0.1:{srv.port}/page", 2)
         with pytest.raises(SourceError, match=r"is not an MJPEG stream \(Content-Type text/html\)") as exc:

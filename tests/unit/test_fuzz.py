@@ -312,9 +312,9 @@ def test_byte_mutations_of_a_real_bundle_load_or_give_bundle_error(tmp_path_fact
 @pytest.fixture(scope="module")
 def cached_teacher():
     """load_detector with the teacher loaded once (it is read-only): fuzzing the header is then fast."""
-    from linewatch.model import backbones, detector
+    from linewatch.model import detector, weights
 
-    real = backbones.load_teacher
+    real = weights.load_teacher
 
     @functools.lru_cache(maxsize=4)
     def cached(name, override=None):

@@ -1,4 +1,4 @@
-"""Drift gauges and camera-health conditions (black, frozen, blurred), through the public observe() path."""
+"""The drift monitor: drift gauges and camera conditions (black, frozen, blurred), through the public observe() path."""
 
 import time
 
@@ -8,10 +8,11 @@ import pytest
 
 from linewatch.imaging.images import sharpness
 from linewatch.messages import Status, Verdict, decode, encode
-from linewatch.service.capture import Frame
 from linewatch.service.config import HealthConfig
-from linewatch.service.observers.drift import HealthMonitor
+from linewatch.service.frames import Frame
+from linewatch.service.observers.drift import DriftMonitor
 from linewatch.service.telemetry.prometheus import Metrics
+from linewatch.tools.harness import wait_until
 
 RNG = np.random.default_rng(0)
 
@@ -40,19 +41,17 @@ def monitor():
     metrics.init_cameras(["cam"])
     baseline = float(np.median([sharpness(texture(i)) for i in range(5)]))
     cfg = HealthConfig(window=20, queue=10_000, frozen_frames=12, bad_frames=5)
-    m = HealthMonitor(cfg, metrics, {"median": 0.5, "sharpness_median": baseline}, statuses.append, "run")
+    m = DriftMonitor(cfg, metrics, {"median": 0.5, "sharpness_median": baseline}, statuses.append, "run")
     m.start()
     yield m, metrics, statuses
     m.stop()
 
 
-def feed(m: HealthMonitor, images, start_seq=0, score=0.5, fail=False):
+def feed(m: DriftMonitor, images, start_seq=0, score=0.5, fail=False):
+    target = m.checked + len(images)
     for i, img in enumerate(images):
         m.observe(frame("cam", start_seq + i, img), verdict("cam", start_seq + i, score, fail), np.zeros((8, 8)))
-    end = time.monotonic() + 10
-    while m._queue.qsize() and time.monotonic() < end:
-        time.sleep(0.01)
-    time.sleep(0.05)
+    wait_until(lambda: m.checked >= target, 10, what=f"{len(images)} frames checked")
 
 
 def gauge(metrics: Metrics, name: str, **labels) -> float:
@@ -113,7 +112,7 @@ def test_rolling_fail_rate_and_score_median(monitor):
 
 def test_a_busy_health_thread_skips_checks_and_counts_them():
     metrics = Metrics()
-    m = HealthMonitor(HealthConfig(queue=1), metrics, {"median": 1.0})  # thread not started: never drains
+    m = DriftMonitor(HealthConfig(queue=1), metrics, {"median": 1.0})  # thread not started: never drains
     for i in range(5):
         m.observe(frame("cam", i, texture(i)), verdict("cam", i, 0.5, False), np.zeros((4, 4)))
     assert metrics.registry.get_sample_value("linewatch_health_skipped_total") == 4

@@ -5,27 +5,34 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from linewatch.messages import (
+    JPEG_SIGNATURE,
     MAX_BOXES,
     PNG_SIGNATURE,
     SCHEMA_VERSION,
     Box,
     MessageError,
+    Preview,
     Status,
     Verdict,
     decode,
     encode,
+    encode_preview,
     encode_status,
     encode_verdict,
 )
 from linewatch.tools.harness import ROOT, subprocess_env
 
 PNG = PNG_SIGNATURE + b"rest-of-png"
+JPEG = JPEG_SIGNATURE + b"\xe0rest-of-jpeg"
+# the last commit whose messages.py is the decoder released before previews existed
+RELEASED_V1_COMMIT = "2e56bae1d1803db543ac8d7bfa956adb1c15ec95"
 
 
 def verdict(**kw) -> Verdict:
@@ -174,3 +181,108 @@ def test_schema_module_is_light():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(), capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+# --------------------------------------------------------------------------- previews
+
+
+def preview(**kw) -> Preview:
+    d = dict(camera="line-1", sequence=7, run_id="r1", preview_jpeg=JPEG, heatmap_png=PNG)
+    d.update(kw)
+    return Preview(**d)
+
+
+def test_preview_round_trip_and_the_verdict_flag():
+    parts = encode_preview(preview())
+    assert parts[0] == b"preview.line-1" and len(parts) == 4 and parts[2] == JPEG and parts[3] == PNG
+    assert json.loads(parts[1]) == {"schema": SCHEMA_VERSION, "type": "preview", "camera": "line-1", "sequence": 7,
+                                    "run_id": "r1"}
+    assert decode(parts) == preview()
+    # the verdict says a preview went out before it; without one its header is exactly what it always was
+    assert "preview_sent" not in json.loads(encode_verdict(verdict())[1])
+    flagged = encode_verdict(verdict(preview_sent=True))
+    assert json.loads(flagged[1])["preview_sent"] is True
+    back = decode(flagged)
+    assert back.preview_sent and not back.has_preview and back.preview_jpeg is None and back.heatmap_png is None
+
+
+@pytest.mark.parametrize("parts, needle", [
+    (encode_preview(preview())[:3], "a preview has 4 message parts, got 3"),
+    ([b"preview.line-1", json.dumps({"schema": 1, "type": "verdict", "camera": "line-1", "sequence": 1}).encode(),
+      JPEG, PNG], "non-preview header"),
+    ([b"preview.other", *encode_preview(preview())[1:]], "does not match camera"),
+    ([*encode_preview(preview())[:2], PNG, PNG], "not a JPEG"),
+    ([*encode_preview(preview())[:3], JPEG], "heatmap part is not a PNG"),
+    ([b"preview.line-1", json.dumps({"schema": 1, "type": "preview", "camera": "line-1"}).encode(), JPEG, PNG],
+     "'sequence' is missing"),
+    ([*encode_verdict(verdict(mask_png=PNG)), PNG], "expected 2 or 3 message parts, got 4"),
+    (_parts(_header(preview_sent="yes")), "'preview_sent' has type str"),
+])
+def test_malformed_previews_are_rejected_clearly(parts, needle):
+    with pytest.raises(MessageError) as exc:
+        decode(parts)
+    assert needle in str(exc.value)
+
+
+def test_encoder_refuses_previews_that_are_not_jpeg_and_png():
+    with pytest.raises(MessageError):
+        encode_preview(preview(preview_jpeg=PNG))
+    with pytest.raises(MessageError):
+        encode_preview(preview(heatmap_png=JPEG))
+    with pytest.raises(MessageError):
+        encode_preview(preview(camera="a.b"))
+    assert encode(preview()) == encode_preview(preview())
+
+
+def _what_the_publisher_sends(v: Verdict) -> list[list[bytes]]:
+    """A verdict with a preview, as on the wire: the preview message, then the flagged verdict."""
+    v.preview_sent = True
+    return [encode_preview(preview(camera=v.camera, sequence=v.sequence, run_id=v.run_id)), encode_verdict(v)]
+
+
+def _delivered(messages: list[list[bytes]], subscriptions: list[bytes]) -> list[list[bytes]]:
+    """ZeroMQ's SUB filter: a message reaches a subscriber when its topic starts with a subscription."""
+    return [m for m in messages if any(m[0].startswith(s) for s in subscriptions)]
+
+
+@pytest.mark.parametrize("subscriptions", [[b"verdict."], [b"verdict.line-1", b"status"]])
+def test_old_subscribers_receive_verdicts_with_previews_unchanged(subscriptions):
+    """What a pre-preview subscriber (linewatch.client before previews: it subscribes to verdict.<camera> or
+    verdict., and status) gets of a verdict that has a preview: the verdict message only, which decodes
+    under the released v1 rules — two or three parts, has_mask matching them, unknown header keys ignored."""
+    messages = _what_the_publisher_sends(verdict(mask_png=PNG))
+    got = _delivered(messages, subscriptions)
+    assert got == [messages[1]]  # the preview's topic matches none of them
+    parts = got[0]
+    header = json.loads(parts[1])
+    assert 2 <= len(parts) <= 3 and header["has_mask"] == (len(parts) == 3) and header["schema"] == 1
+    assert decode(parts) == verdict(mask_png=PNG, preview_sent=True)
+
+
+def _released_v1_decoder() -> types.ModuleType:
+    proc = subprocess.run(["git", "show", f"{RELEASED_V1_COMMIT}:linewatch/messages.py"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        pytest.skip(f"git history with commit {RELEASED_V1_COMMIT[:12]} is not available here (shallow clone?)")
+    mod = types.ModuleType("released_v1_messages")
+    sys.modules[mod.__name__] = mod  # dataclasses look their module up while the class is made
+    try:
+        exec(compile(proc.stdout, f"{RELEASED_V1_COMMIT[:12]}:linewatch/messages.py", "exec"), mod.__dict__)
+    finally:
+        del sys.modules[mod.__name__]
+    return mod
+
+
+def test_the_released_v1_decoder_reads_verdicts_that_have_previews():
+    """The decoder as released before previews, from git history, run on today's messages."""
+    old = _released_v1_decoder()
+    for v in (verdict(mask_png=PNG), verdict(verdict="pass", boxes=[], n_regions=0, defect_area=0)):
+        preview_msg, verdict_msg = _what_the_publisher_sends(v)
+        back = old.decode(verdict_msg)
+        assert isinstance(back, old.Verdict)
+        assert (back.camera, back.sequence, back.verdict, back.score, back.mask_png) == \
+            (v.camera, v.sequence, v.verdict, v.score, v.mask_png)
+        # a raw subscriber to everything ("") would also get the preview: the old decoder refuses it as one
+        # message it does not know (a subscriber counts it as malformed and goes on), never as a verdict
+        with pytest.raises(old.MessageError):
+            old.decode(preview_msg)

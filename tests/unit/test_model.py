@@ -137,3 +137,86 @@ def test_students_are_randomly_initialised_not_copies_of_the_teacher():
     t = dict(model.teacher.named_parameters())
     s = dict(model.students[0].named_parameters())
     assert not torch.equal(t["stages.0.0.0.weight"], s["stages.0.0.0.weight"])
+
+
+# --------------------------------------------------------------------------- detector and engines
+
+
+def _detector(engine: str = "eager"):
+    from linewatch.model import BundleMeta, Calibration, Detector
+
+    cal = Calibration(image_threshold=0.5, pixel_threshold=0.4, alpha=0.1, false_reject_bound=0.1,
+                      scores=[0.1, 0.2], stats={"median": 0.15})
+    meta = BundleMeta("mobilenet_v2", "x", (32, 32), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1, 1.0,
+                      calibration=cal)
+    model = STFPM("mobilenet_v2", input_size=(32, 32))
+    return Detector(model, meta, "m0", torch.device("cpu"), engine=engine)
+
+
+def test_the_loaded_detector_is_what_the_service_expects():
+    from linewatch.service.detector import Detector as ServiceDetector
+
+    det = _detector()
+    assert isinstance(det, ServiceDetector)
+    assert det.engine == "eager" and det.meta.backbone == "mobilenet_v2" and det.input_size == (32, 32)
+
+
+def test_something_without_warm_up_or_engine_is_not_a_service_detector():
+    from linewatch.service.detector import Detector as ServiceDetector
+
+    det = _detector()
+
+    class NoWarmUp:
+        model_id, meta, input_size, device, engine = det.model_id, det.meta, det.input_size, det.device, "eager"
+        calibration = det.calibration
+        predict = det.predict
+
+    assert not isinstance(NoWarmUp(), ServiceDetector)
+    NoWarmUp.warm_up = det.warm_up
+    assert isinstance(NoWarmUp(), ServiceDetector)
+    del NoWarmUp.engine
+    assert not isinstance(NoWarmUp(), ServiceDetector)
+
+
+def test_warm_up_builds_the_inference_copy_before_the_first_frame():
+    det = _detector("eager")
+    assert det._net is None
+    det.warm_up((1, 2))
+    assert det._net is not None and det._net is not det.model  # eager: a BatchNorm-folded copy
+    ref = _detector("reference")
+    ref.warm_up()
+    assert ref._net is ref.model  # reference: the model exactly as trained
+
+
+def test_resolve_engine():
+    from linewatch.errors import LinewatchError
+    from linewatch.model.engines import resolve_engine
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_engine("auto", cpu, "mobilenet_v2") == "jit"  # measured fastest there (AUTO_CPU)
+    assert resolve_engine("auto", cpu, "resnet18") == "eager"
+    assert resolve_engine("auto", cuda, "mobilenet_v2") == "eager"
+    assert resolve_engine("jit", cuda) == "eager"  # TorchScript's oneDNN passes are CPU-only
+    assert resolve_engine("compile", cuda) == "compile"
+    assert resolve_engine("reference", cpu) == "reference"
+    with pytest.raises(LinewatchError, match="engine 'fast' is not one of"):
+        resolve_engine("fast", cpu)
+
+
+def test_a_jit_engine_that_fails_to_build_runs_eager(monkeypatch):
+    import structlog
+
+    def broken_trace(*_a, **_k):
+        raise RuntimeError("simulated tracer failure")
+
+    monkeypatch.setattr(torch.jit, "trace", broken_trace)
+    det = _detector("jit")
+    assert det.engine == "jit"
+    x = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with structlog.testing.capture_logs() as logs:
+        p = det.predict(x)
+    assert det.engine == "eager" and det._fast is None
+    assert [(e["event"], e["engine"]) for e in logs if e["event"] == "engine_fallback"] == [("engine_fallback", "jit")]
+    with torch.inference_mode():
+        _, ref_scores = det.model(x)
+    torch.testing.assert_close(p.scores, ref_scores, rtol=1e-4, atol=1e-7)

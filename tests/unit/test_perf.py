@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from linewatch.messages import MAX_BOXES, Box
-from linewatch.service.capture import Frame, FrameQueue, MemorySource
+from linewatch.service.frames import Frame
 from linewatch.service.telemetry.prometheus import STAGES, Metrics
 from linewatch.service.worker import find_defects
+from linewatch.tools.bench.sources import MemorySource, RoomQueue
 
 
 def reference_find_defects(amap, thr, roi, want_mask, failed):
@@ -65,7 +66,7 @@ def test_memory_source_and_waiting_for_room():
     once.read()
     assert once.read() is None
 
-    q = FrameQueue(2)
+    q = RoomQueue(2)
     img = np.zeros((8, 8, 3), np.uint8)
     for s in range(2):
         q.put(Frame("a", s, time.time(), time.monotonic(), img, (8, 8), (0, 0, 8, 8)))

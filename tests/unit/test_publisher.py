@@ -14,7 +14,7 @@ from linewatch.client import Subscriber
 from linewatch.errors import ConfigError
 from linewatch.messages import Box, Status, Verdict
 from linewatch.service.config import PublisherConfig
-from linewatch.service.publisher import Publisher, encode_mask_png
+from linewatch.service.publisher import Publisher, encode_mask_png, encode_preview_images
 from linewatch.service.telemetry.prometheus import Metrics
 from linewatch.tools.harness import wait_until
 
@@ -230,3 +230,148 @@ def test_bind_conflict_is_a_clear_error(metrics):
         other.close(0.1)
     finally:
         pub.close(0.1)
+
+
+# --------------------------------------------------------------------------- previews
+
+
+def test_preview_images_share_a_size_and_the_heatmap_scale_puts_the_threshold_mid_grey():
+    img = np.zeros((256, 192, 3), np.uint8)
+    img[:, :, 0] = 200  # red in RGB
+    amap = np.full((256, 192), 0.5, np.float32)  # at the threshold
+    amap[:64] = 2.0  # far above: saturates
+    amap[-64:] = 0.0
+    jpeg, png = encode_preview_images(img, amap, threshold=0.5, max_px=128)
+    frame = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    heat = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert frame.shape == (128, 96, 3) and heat.shape == (128, 96)  # longest side 128, aspect kept
+    assert frame[..., 2].mean() > 150 and frame[..., 0].mean() < 50  # still red (BGR on disk)
+    assert heat[:30].min() == 255 and heat[-30:].max() == 0 and abs(int(heat[64].mean()) - 128) <= 1
+    small, _ = encode_preview_images(img[:64, :48], amap[:64, :48], 0.5, max_px=320)  # never upscaled
+    assert cv2.imdecode(np.frombuffer(small, np.uint8), cv2.IMREAD_COLOR).shape == (64, 48, 3)
+
+
+def preview_subscriber(pub: Publisher, endpoint: str, **kw) -> Subscriber:
+    """A subscriber that asks for previews, once the publisher knows it does (the thread is not started)."""
+    sub = Subscriber(endpoint, status=False, previews=True, **kw)
+    wait_until(lambda: pub._poll_subscriptions() or pub.preview_subscribed(kw.get("cameras", ["a"])[0]), 10,
+               what="preview subscription seen")
+    return sub
+
+
+@pytest.mark.parametrize("policy, wanted", [
+    ("none", []),
+    ("fail", [2, 4]),
+    ("all", [0, 1, 2, 3, 4, 5]),
+    ("every_nth", [0, 2, 3, 4]),  # every 3rd, and every fail
+])
+def test_wants_preview_follows_the_policy(metrics, policy, wanted):
+    pub = publisher(metrics, preview=policy, preview_every_n=3, preview_max_per_s=1000)
+    endpoint = pub.bind()
+    with preview_subscriber(pub, endpoint):
+        got = [seq for seq in range(6) if pub.wants_preview(verdict("a", seq, failed=seq in (2, 4)))]
+    pub.close(0.1)
+    assert got == wanted
+    assert value(metrics, "linewatch_previews_skipped_total", reason="rate_limit") == 0
+
+
+def test_wants_preview_needs_a_subscriber_and_keeps_the_rate_cap(metrics):
+    pub = publisher(metrics, preview="all", preview_max_per_s=0.01)  # one token, the next in 100 s
+    endpoint = pub.bind()
+    assert not pub.wants_preview(verdict("a", 0))  # nobody subscribed to previews: nothing to encode
+    assert value(metrics, "linewatch_previews_skipped_total", reason="no_subscriber") == 1
+    with Subscriber(endpoint, cameras=["a"]):  # an ordinary subscriber does not want previews
+        wait_until(lambda: pub._poll_subscriptions() or pub.subscribed.is_set(), 10)
+        assert not pub.wants_preview(verdict("a", 1))
+    assert value(metrics, "linewatch_previews_skipped_total", reason="no_subscriber") == 2
+    sub = preview_subscriber(pub, endpoint, cameras=["a"])
+    try:
+        assert not pub.preview_subscribed("b")  # subscribed to preview.a only
+        assert [pub.wants_preview(verdict("a", s)) for s in (2, 3, 4)] == [True, False, False]
+        assert pub.wants_preview(verdict("ab", 0))  # a camera's cap is its own; "preview.a" also matches "ab"
+        assert value(metrics, "linewatch_previews_skipped_total", reason="rate_limit") == 2
+    finally:
+        sub.close()
+    # the subscriber went away: XPUB reports the unsubscription and previews stop
+    wait_until(lambda: pub._poll_subscriptions() or not pub.preview_subscribed("a"), 10, what="unsubscribed")
+    pub.close(0.1)
+
+
+class BrightnessDetector:
+    """Map = brightness / 255, score = its max: frames with a bright patch fail (threshold 0.5)."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        import torch
+
+        from linewatch.model import Calibration
+
+        self.input_size = (32, 48)
+        self.model_id = "bright00"
+        self.meta = SimpleNamespace(backbone="fake")
+        self.device = torch.device("cpu")
+        self.calibration = Calibration(image_threshold=0.5, pixel_threshold=0.4, alpha=0.1, false_reject_bound=0.1,
+                                       scores=[0.1, 0.2, 0.3])
+
+    def predict(self, batch):
+        from linewatch.model import Prediction
+
+        maps = batch.float().amax(-1) / 255.0
+        return Prediction(maps=maps, scores=maps.flatten(1).amax(1))
+
+
+def test_worker_hands_frames_over_only_for_wanted_previews_and_subscribers_get_them(metrics):
+    """The real worker → publisher path: frames and maps go over only for the verdicts the policy picks;
+    a preview subscriber gets them attached to exactly those verdicts, an ordinary one gets verdicts only."""
+    from linewatch.service.frames import Frame, FrameQueue
+    from linewatch.service.worker import InferenceWorker
+
+    pub = publisher(metrics, preview="every_nth", preview_every_n=4, preview_max_px=24, preview_max_per_s=1000)
+    endpoint = pub.bind()
+    viewer = preview_subscriber(pub, endpoint)
+    plain = Subscriber(endpoint, cameras=["a"])
+    handed: list[tuple[int, bool]] = []
+
+    def publish(v, mask, preview=None):
+        handed.append((v.sequence, preview is not None))
+        pub.submit_verdict(v, mask, preview)
+
+    q = FrameQueue(100, metrics)
+    fails = {1, 6}
+    for seq in range(9):
+        img = np.zeros((32, 48, 3), np.uint8)
+        if seq in fails:
+            img[8:16, 20:28] = 255
+        q.put(Frame("a", seq, time.time(), time.monotonic(), img, (48, 32), (0, 0, 48, 32)))
+    w = InferenceWorker(BrightnessDetector(), q, publish, metrics, max_batch=4, max_wait_ms=1, run_id="r",
+                        preview=pub.wants_preview)
+    w.stop(time.monotonic() + 10)
+    w.start()
+    w.join(30)
+    assert sorted(handed) == [(s, s in fails or s % 4 == 0) for s in range(9)]
+    try:
+        wait_until(lambda: pub._poll_subscriptions() or pub.subscribed.is_set(), 10)
+        wait_until(lambda: pub._poll_subscriptions() or len(pub._topics) >= 2, 10, what="both subscriptions")
+        pub.start()
+        got = list(viewer.verdicts(timeout=5, count=9))
+        plain_got = list(plain.verdicts(timeout=5, count=9))
+    finally:
+        viewer.close()
+        plain.close()
+        pub.close(1)
+    with_preview = {0, 1, 4, 6, 8}
+    assert [v.sequence for v in got] == list(range(9))
+    assert {v.sequence for v in got if v.has_preview} == with_preview
+    assert {v.sequence for v in got if v.preview_sent} == with_preview and viewer.previews_missed == 0
+    for v in got:
+        if v.has_preview:
+            frame = cv2.imdecode(np.frombuffer(v.preview_jpeg, np.uint8), cv2.IMREAD_COLOR)
+            heat = cv2.imdecode(np.frombuffer(v.heatmap_png, np.uint8), cv2.IMREAD_UNCHANGED)
+            assert frame.shape == (16, 24, 3) and heat.shape == (16, 24)  # max_px 24 on a 32×48 model input
+            assert (heat.max() == 255) == v.failed  # 2 × threshold = 1.0: the bright patch saturates
+        else:
+            assert v.heatmap_png is None
+    assert [v.sequence for v in plain_got] == list(range(9)) and not any(v.has_preview for v in plain_got)
+    assert plain.malformed == 0 and viewer.malformed == 0
+    assert value(metrics, "linewatch_previews_total", camera="a") == len(with_preview)

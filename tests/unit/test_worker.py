@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from linewatch.model import Calibration, Prediction
-from linewatch.service.capture import Frame, FrameQueue
+from linewatch.service.detector import Detector
+from linewatch.service.frames import Frame, FrameQueue
 from linewatch.service.telemetry.prometheus import Metrics
 from linewatch.service.worker import InferenceWorker, find_defects
 
@@ -26,6 +27,7 @@ class FakeDetector:
         self.model_id = "fake0000"
         self.meta = SimpleNamespace(backbone="fake")
         self.device = torch.device("cpu")
+        self.engine = "fake"
         self.calibration = Calibration(image_threshold=0.5, pixel_threshold=0.4, alpha=0.1,
                                        false_reject_bound=0.1, scores=[0.1, 0.2, 0.3, 0.45])
         self.batches: list[int] = []
@@ -41,6 +43,13 @@ class FakeDetector:
         time.sleep(self.delay)
         maps = batch.float().amax(-1) / 255.0
         return Prediction(maps=maps, scores=maps.flatten(1).amax(1))
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        pass  # nothing to build
+
+
+def test_the_fake_detector_is_a_service_detector():
+    assert isinstance(FakeDetector(), Detector)
 
 
 def mk_frame(cam: str, seq: int, bright: bool, roi=(0, 0, 64, 48)) -> Frame:
@@ -131,8 +140,8 @@ def test_every_frame_gets_its_verdict_in_batches():
     assert value(m, "linewatch_inference_seconds_count") == len(det.batches)
     fails = sum(1 for f in frames if f.sequence % 3 == 0) // 2
     for cam in ("a", "b"):
-        assert value(m, "linewatch_frames_total", camera=cam, verdict="fail") == fails
-        assert value(m, "linewatch_frames_total", camera=cam, verdict="pass") == 10 - fails
+        assert value(m, "linewatch_verdicts_total", camera=cam, verdict="fail") == fails
+        assert value(m, "linewatch_verdicts_total", camera=cam, verdict="pass") == 10 - fails
         assert value(m, "linewatch_latency_seconds_count", camera=cam) == 10
         assert value(m, "linewatch_score_ratio_count", camera=cam) == 10
     assert value(m, "linewatch_queue_wait_seconds_count") == 20

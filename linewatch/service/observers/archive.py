@@ -28,8 +28,8 @@ from linewatch.messages import Verdict, verdict_to_dict
 from linewatch.service.telemetry.prometheus import Metrics
 
 if TYPE_CHECKING:
-    from linewatch.service.capture import Frame
     from linewatch.service.config import ArchiveConfig
+    from linewatch.service.frames import Frame
 
 log = structlog.get_logger("linewatch.archive")
 

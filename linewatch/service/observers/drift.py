@@ -1,4 +1,7 @@
-"""Drift and camera health, watched on the verdict stream without slowing it.
+"""The drift monitor: drift and camera condition, watched on the verdict stream without slowing it.
+
+Configured by the ``health:`` config section (the name deployed configs use). Whether the daemon's own
+threads run is another matter: :mod:`linewatch.service.liveness`.
 
 * Drift, per camera, over the last ``health.window`` verdicts: the fail rate, and the median score
   divided by the calibration images' median (≈1 while the line looks like calibration; creeping up
@@ -31,8 +34,8 @@ from linewatch.messages import Status, Verdict
 from linewatch.service.telemetry.prometheus import Metrics
 
 if TYPE_CHECKING:
-    from linewatch.service.capture import Frame
     from linewatch.service.config import HealthConfig
+    from linewatch.service.frames import Frame
 
 log = structlog.get_logger("linewatch.health")
 
@@ -53,7 +56,7 @@ class _CameraState:
     score_median_ratio: float | None = None
 
 
-class HealthMonitor(threading.Thread):
+class DriftMonitor(threading.Thread):
     def __init__(self, cfg: HealthConfig, metrics: Metrics, calibration_stats: dict[str, float],
                  submit_status: Callable[[Status], None] | None = None, run_id: str = ""):
         super().__init__(name="health", daemon=True)
@@ -67,6 +70,7 @@ class HealthMonitor(threading.Thread):
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=cfg.queue)
         self._stop_event = threading.Event()
+        self.checked = 0  # frames whose image checks are done (only this thread writes it)
         if self.sharpness_median is None:
             log.info("blur_check_off", reason="the model bundle has no calibration sharpness; re-calibrate to enable")
 
@@ -108,6 +112,7 @@ class HealthMonitor(threading.Thread):
             try:
                 if camera is not None:
                     self._check(camera, image)
+                    self.checked += 1
                 now = time.monotonic()
                 if now >= next_publish:
                     self._publish_drift()

@@ -1,5 +1,9 @@
 """Every Prometheus metric the daemon exports, on its own registry (tests can build several).
 
+This module is the one source of the metrics reference: ``docs/metrics.md`` holds the table that
+:func:`metrics_table` builds from a fresh registry, rewritten with
+``python -m linewatch.service.telemetry.prometheus --update docs/metrics.md`` (a unit test compares them).
+
 Drop reasons (``linewatch_frames_dropped_total{reason}``):
   queue_full          the camera's frame queue was full: its oldest frame made room for the newest
   decode_error        a frame or image file that could not be decoded
@@ -12,8 +16,10 @@ Drop reasons (``linewatch_frames_dropped_total{reason}``):
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterable
+import argparse
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -25,11 +31,16 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
 
 from linewatch.errors import ConfigError
 
 DROP_REASONS = ("queue_full", "decode_error", "inference_error", "publish_queue_full", "publish_hwm",
                 "publish_error", "shutdown")
+# previews skipped: over publisher.preview_max_per_s, nobody subscribed to preview.<camera>, ZeroMQ refused
+# the message (a subscriber at its high-water mark), encoding or sending failed (logged)
+PREVIEW_SKIP_REASONS = ("rate_limit", "no_subscriber", "publish_hwm", "error")
 
 # Latency: from a few ms (GPU, small batches) to seconds (CPU, large frames, backlog).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
@@ -49,6 +60,40 @@ SCORE_RATIO_BUCKETS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1
 #   publish      mask PNG, header JSON, ZeroMQ send (publisher thread, per verdict)
 STAGES = ("read", "prepare", "queue_wait", "preprocess", "forward", "postprocess", "publish")
 
+# the keys of linewatch_model_info (an Info declares none up front: set_model fills them)
+MODEL_INFO_KEYS = ("backbone", "model_id", "input_size", "device")
+
+# linewatch_frames_total counted verdicts, next to linewatch_frames_captured_total counting frames: renamed in
+# 0.2.0. The old name stays exported for one release (until 0.3.0) so that deployed dashboards keep working.
+DEPRECATED_VERDICTS_NAME = "linewatch_frames"
+
+
+class DeprecatedCounterAlias:
+    """Re-exports a counter's samples under its old name, computed at scrape time only.
+
+    The hot path increments the one real counter; this collector reads it when /metrics is scraped.
+    """
+
+    def __init__(self, source: Counter, old_name: str, registry: CollectorRegistry):
+        self.source = source
+        self.old_name = old_name
+        # prometheus_client has no public accessor for these; both are stable since its first releases
+        self.labelnames: tuple[str, ...] = tuple(source._labelnames)
+        self.documentation = f"DEPRECATED: use {source._name}_total (this alias goes in linewatch 0.3.0)"
+        registry.register(self)
+
+    def describe(self) -> list[Metric]:
+        # lets the registry refuse a second collector exporting the old name
+        return [Metric(self.old_name, self.documentation, "counter")]
+
+    def collect(self) -> Iterator[Metric]:
+        family = Metric(self.old_name, self.documentation, "counter")
+        for metric in self.source.collect():
+            for s in metric.samples:
+                if s.name.endswith("_total"):
+                    family.add_sample(self.old_name + "_total", dict(s.labels), s.value)
+        yield family
+
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
@@ -56,10 +101,8 @@ class Metrics:
         disable_created_metrics()
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        # process_* series (resident memory, open fds, CPU seconds, start time): what an SRE and the soak read
-        # to see a leak, from the same scrape as everything else
-        ProcessCollector(registry=r)
-        self.latency = Histogram("linewatch_latency_seconds", "Capture to verdict time per frame",
+        self.latency = Histogram("linewatch_latency_seconds", "Capture to verdict time per frame (measured when the "
+                                 "verdict is made, before publishing)",
                                  ["camera"], buckets=LATENCY_BUCKETS, registry=r)
         self.inference = Histogram("linewatch_inference_seconds", "Model time per batch",
                                    buckets=INFERENCE_BUCKETS, registry=r)
@@ -69,27 +112,29 @@ class Metrics:
                                     buckets=QUEUE_WAIT_BUCKETS, registry=r)
         self.score_ratio = Histogram("linewatch_score_ratio", "Anomaly score divided by the image threshold "
                                      "(>1 fails)", ["camera"], buckets=SCORE_RATIO_BUCKETS, registry=r)
-        self.frames = Counter("linewatch_frames", "Frames with a verdict", ["camera", "verdict"], registry=r)
+        self.verdicts = Counter("linewatch_verdicts", "Verdicts made, one per inspected frame: verdict = pass, fail",
+                                ["camera", "verdict"], registry=r)
         self.captured = Counter("linewatch_frames_captured", "Frames read and queued for inference", ["camera"],
                                 registry=r)
         self.skipped = Counter("linewatch_frames_skipped", "Live frames skipped by design to honour the fps cap",
                                ["camera"], registry=r)
-        self.dropped = Counter("linewatch_frames_dropped", "Frames that got no (delivered) verdict, by reason",
-                               ["camera", "reason"], registry=r)
+        self.dropped = Counter("linewatch_frames_dropped", "Frames that got no (delivered) verdict, by reason: "
+                               + ", ".join(DROP_REASONS), ["camera", "reason"], registry=r)
         self.decode_errors = Counter("linewatch_decode_errors", "Frames or files that could not be decoded",
                                      ["camera"], registry=r)
         self.reconnects = Counter("linewatch_reconnects", "Attempts to reopen a lost or unopenable source",
                                   ["camera"], registry=r)
-        self.published = Counter("linewatch_messages_published", "Messages handed to ZeroMQ", ["topic"],
-                                 registry=r)
-        self.status_dropped = Counter("linewatch_status_dropped", "Status messages not sent, by reason",
-                                      ["reason"], registry=r)
+        self.published = Counter("linewatch_messages_published", "Messages handed to ZeroMQ, by topic: verdict, "
+                                 "status", ["topic"], registry=r)
+        self.status_dropped = Counter("linewatch_status_dropped", "Status messages not sent, by reason: "
+                                      "queue_full, publish_hwm, publish_error", ["reason"], registry=r)
         self.camera_up = Gauge("linewatch_camera_up", "1 while the camera delivers frames", ["camera"], registry=r)
-        self.queue_depth = Gauge("linewatch_queue_depth", "Items waiting in a queue", ["queue"], registry=r)
-        self.threshold = Gauge("linewatch_threshold", "Calibrated thresholds of the loaded model", ["kind"],
-                               registry=r)
+        self.queue_depth = Gauge("linewatch_queue_depth", "Items waiting in a queue: frames (all cameras), publish",
+                                 ["queue"], registry=r)
+        self.threshold = Gauge("linewatch_threshold", "Calibrated thresholds of the loaded model, kind = image, "
+                               "pixel", ["kind"], registry=r)
         self.start_time = Gauge("linewatch_start_time_seconds", "Unix time the daemon started", registry=r)
-        self.model_info = Info("linewatch_model", "The loaded model bundle", registry=r)
+        self.model_info = Info("linewatch_model", "The loaded model bundle and the device it runs on", registry=r)
         # a counter per stage (not a histogram): one addition per frame or batch, cheap enough to stay on
         self.stage_seconds = Counter("linewatch_stage_seconds", "Seconds spent per pipeline stage, summed over "
                                      "frames (÷ frames = per-frame cost); stages: " + ", ".join(STAGES),
@@ -99,7 +144,8 @@ class Metrics:
         self.oom = Counter("linewatch_oom", "Inference batches that ran out of (GPU) memory and were split "
                            "and retried at a smaller size", registry=r)
         self.effective_max_batch = Gauge("linewatch_effective_max_batch", "Largest batch the worker currently "
-                                         "sends to the model (lowered after an out-of-memory error)", registry=r)
+                                         "sends to the model (lowered after an out-of-memory error, doubled back "
+                                         "after 10 min without one, up to batching.max_batch)", registry=r)
         self.model_reloads = Counter("linewatch_model_reload", "Model reload attempts (SIGHUP), by result: ok, "
                                      "unchanged, rejected", ["result"], registry=r)
         self.auth_refused = Counter("linewatch_subscribers_refused", "Subscriber connections refused by CURVE "
@@ -122,18 +168,26 @@ class Metrics:
         # reject archive (linewatch.service.observers.archive)
         self.archive_written = Counter("linewatch_archive_written", "Failing frames saved to the reject archive",
                                        registry=r)
-        self.archive_deleted = Counter("linewatch_archive_deleted", "Archive entries deleted, by reason",
+        self.archive_deleted = Counter("linewatch_archive_deleted", "Archive entries deleted, by reason: age, size",
                                        ["reason"], registry=r)
-        self.archive_dropped = Counter("linewatch_archive_dropped", "Failing frames not archived, by reason",
-                                       ["reason"], registry=r)
+        self.archive_dropped = Counter("linewatch_archive_dropped", "Failing frames not archived, by reason: "
+                                       "queue_full, write_error", ["reason"], registry=r)
         self.archive_bytes = Gauge("linewatch_archive_bytes", "Bytes held in the reject archive", registry=r)
-        self._lock = threading.Lock()
+        # previews for `linewatch view` (publisher.preview): frame JPEG + heatmap PNG, encoded on the publisher thread
+        self.previews = Counter("linewatch_previews", "Previews (frame JPEG + anomaly heatmap PNG) sent on "
+                                "preview.<camera>", ["camera"], registry=r)
+        self.previews_skipped = Counter("linewatch_previews_skipped", "Previews the policy asked for but not sent, "
+                                        "by reason: " + ", ".join(PREVIEW_SKIP_REASONS), ["reason"], registry=r)
+        self.verdicts_deprecated = DeprecatedCounterAlias(self.verdicts, DEPRECATED_VERDICTS_NAME, r)
+        # process_* series (resident memory, open fds, CPU seconds, start time): what an SRE and the soak read
+        # to see a leak, from the same scrape as everything else
+        ProcessCollector(registry=r)
 
     def init_cameras(self, cameras: Iterable[str]) -> None:
         """Create every label set up front so dashboards see 0, not 'no data', before the first event."""
         for cam in cameras:
             for verdict in ("pass", "fail"):
-                self.frames.labels(cam, verdict)
+                self.verdicts.labels(cam, verdict)
             for reason in DROP_REASONS:
                 self.dropped.labels(cam, reason)
             self.captured.labels(cam)
@@ -143,6 +197,7 @@ class Metrics:
             self.camera_up.labels(cam).set(0)
             self.latency.labels(cam)
             self.score_ratio.labels(cam)
+            self.previews.labels(cam)
             for cond in ("ok", "black", "frozen", "blurred"):
                 self.condition.labels(cam, cond).set(1 if cond == "ok" else 0)
         for q in ("frames", "publish"):
@@ -157,16 +212,16 @@ class Metrics:
             self.status_dropped.labels(reason)
         for result in ("ok", "unchanged", "rejected"):
             self.model_reloads.labels(result)
+        for reason in PREVIEW_SKIP_REASONS:
+            self.previews_skipped.labels(reason)
 
     def drop(self, camera: str, reason: str, n: int = 1) -> None:
         self.dropped.labels(camera, reason).inc(n)
 
     def set_model(self, *, backbone: str, model_id: str, input_size: tuple[int, int], device: str,
                   image_threshold: float, pixel_threshold: float) -> None:
-        self.model_info.info({
-            "backbone": backbone, "model_id": model_id, "input_size": f"{input_size[0]}x{input_size[1]}",
-            "device": device,
-        })
+        values = (backbone, model_id, f"{input_size[0]}x{input_size[1]}", device)
+        self.model_info.info(dict(zip(MODEL_INFO_KEYS, values, strict=True)))
         self.threshold.labels("image").set(image_threshold)
         self.threshold.labels("pixel").set(pixel_threshold)
 
@@ -210,3 +265,99 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=2.0)
+
+
+# ----------------------------------------------------------------------------- the reference table
+
+TABLE_BEGIN = "<!-- metrics-table:begin (generated: python -m linewatch.service.telemetry.prometheus --update) -->"
+TABLE_END = "<!-- metrics-table:end -->"
+# what a family of each type is called in /metrics and in PromQL
+_EXPOSED_SUFFIX = {"counter": "_total", "info": "_info"}
+
+
+def _declared_labels(metrics: Metrics) -> dict[str, tuple[str, ...]]:
+    """Label names per family, as declared (a fresh registry has no samples to read them from)."""
+    out: dict[str, tuple[str, ...]] = {}
+    # every collector on the registry, not only Metrics' attributes (the registry has no public list of them)
+    for obj in list(metrics.registry._collector_to_names):
+        if obj is metrics.model_info:
+            out[obj._name] = MODEL_INFO_KEYS
+        elif isinstance(obj, MetricWrapperBase):
+            out[obj._name] = tuple(obj._labelnames)
+        elif isinstance(obj, DeprecatedCounterAlias):
+            out[obj.old_name] = obj.labelnames
+    return out
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def metrics_table(metrics: Metrics | None = None) -> str:
+    """Markdown table of every metric family on a (fresh) registry: name, type, labels, help.
+
+    Row order is registration order; histograms are listed by their base name (they expose ``_bucket``
+    with ``le``, ``_sum`` and ``_count``).
+    """
+    metrics = metrics if metrics is not None else Metrics()
+    labels = _declared_labels(metrics)
+    rows = ["| metric | type | labels | help |", "| --- | --- | --- | --- |"]
+    for family in metrics.registry.collect():
+        # the process collector's families carry no labels; anything else undeclared shows what its samples have
+        names = labels.get(family.name)
+        if names is None:
+            names = tuple(dict.fromkeys(k for s in family.samples for k in s.labels if k != "le"))
+        exposed = family.name + _EXPOSED_SUFFIX.get(family.type, "")
+        rows.append(f"| `{exposed}` | {family.type} | {', '.join(names) or '—'} | {_cell(family.documentation)} |")
+    return "\n".join(rows) + "\n"
+
+
+def replace_table(document: str, table: str) -> str:
+    """``document`` with the text between the table markers replaced by ``table``."""
+    start, end = document.find(TABLE_BEGIN), document.find(TABLE_END)
+    if start < 0 or end < start:
+        raise ConfigError(f"the metrics document has no table markers: put {TABLE_BEGIN!r} and {TABLE_END!r} "
+                          "on their own lines where the table goes")
+    head = document[:start + len(TABLE_BEGIN)]
+    return f"{head}\n{table}{document[end:]}"
+
+
+def table_in(document: str) -> str:
+    """The table currently between the markers of ``document`` (what :func:`replace_table` wrote)."""
+    start, end = document.find(TABLE_BEGIN), document.find(TABLE_END)
+    if start < 0 or end < start:
+        raise ConfigError(f"the metrics document has no table markers ({TABLE_BEGIN!r} … {TABLE_END!r})")
+    return document[start + len(TABLE_BEGIN):end].lstrip("\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m linewatch.service.telemetry.prometheus",
+                                     description="The metrics reference, generated from the daemon's registry.")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--markdown", action="store_true", help="print the metrics table (markdown)")
+    mode.add_argument("--update", metavar="FILE", type=Path,
+                      help="rewrite the table between the markers in FILE (docs/metrics.md)")
+    args = parser.parse_args(argv)
+    table = metrics_table()
+    if args.markdown:
+        sys.stdout.write(table)
+        return 0
+    try:
+        text = args.update.read_text(encoding="utf-8")
+        new = replace_table(text, table)
+    except OSError as exc:
+        print(f"error: cannot read {args.update}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"error: {args.update}: {exc}", file=sys.stderr)
+        return 2
+    if new != text:
+        args.update.write_text(new, encoding="utf-8")
+        print(f"{args.update}: metrics table updated")
+    else:
+        print(f"{args.update}: metrics table already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

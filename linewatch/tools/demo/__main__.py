@@ -9,58 +9,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 from linewatch.errors import LinewatchError
+from linewatch.tools.harness import DaemonProcess, metric_total, scrape, subprocess_env
 
-DEFAULT_EPOCHS = 12  # ≈ 4–5 min of training on 2 CPU cores; see README "Demo" for what more epochs reach
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+DEFAULT_EPOCHS = 12  # ≈ 4–5 min of training on 2 CPU cores; see docs/model.md (the demo) for what more epochs reach
+START_TIMEOUT_S = 300.0  # model load on a busy machine; the daemon's own errors end the wait at once
 
 
-def write_config(path: Path, model: Path, stream_dir: Path, archive: Path, zmq_port: int, metrics_port: int,
-                 fps: float) -> None:
+def write_config(path: Path, model: Path, stream_dir: Path, archive: Path, fps: float) -> None:
+    """Publisher and /metrics on free loopback ports: the daemon logs which (``publisher_bound``,
+    ``metrics_listening``), so no port is picked here and then taken by someone else."""
     cfg = {
         "model": {"bundle": str(model.resolve())},
         "device": "auto",
         # a replay must not lose frames to a slower machine: room for a backlog instead of drop-oldest
         "batching": {"max_batch": 8, "max_wait_ms": 20, "frame_queue": 1024},
         "cameras": [{"name": "elpv", "source": f"dir://{stream_dir.resolve()}", "fps": fps, "on_end": "stop"}],
-        "publisher": {"bind": f"tcp://127.0.0.1:{zmq_port}", "masks": "fail", "wait_for_subscriber_s": 30,
+        "publisher": {"bind": "tcp://127.0.0.1:*", "masks": "fail", "wait_for_subscriber_s": 30,
                       "sndhwm": 100000},
-        "metrics": {"host": "127.0.0.1", "port": metrics_port},
+        "metrics": {"host": "127.0.0.1", "port": 0},
         "logging": {"format": "json", "level": "info"},
         "daemon": {"exit_when_sources_end": False},
     }
     if archive is not None:
         cfg["archive"] = {"enabled": True, "dir": str(archive.resolve())}
     path.write_text(json.dumps(cfg, indent=2))  # JSON is YAML
-
-
-def scrape(url: str) -> dict[str, float]:
-    totals: dict[str, float] = {}
-    with urllib.request.urlopen(url, timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("#") or " " not in line:
-                continue
-            name, value = line.rsplit(" ", 1)
-            base = name.split("{", 1)[0]
-            totals[base] = totals.get(base, 0.0) + float(value)
-            totals[name] = float(value)
-    return totals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,26 +93,27 @@ def run(args: argparse.Namespace) -> int:
               f"(false-reject bound {r.calibration.false_reject_bound:.4f})")
 
     print("== 3/4 stream through the daemon")
-    zmq_port, metrics_port = free_port(), free_port()
     archive = out / "rejects"
     cfg = out / "linewatch.yaml"
-    write_config(cfg, model, stream_dir, archive, zmq_port, metrics_port, args.fps)
+    write_config(cfg, model, stream_dir, archive, args.fps)
     log_path = out / "daemon.log"
-    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-    env = dict(os.environ)
-    with open(log_path, "w") as log_file:
-        daemon = subprocess.Popen([sys.executable, "-m", "linewatch.cli", "run", "--config", str(cfg)],
-                                  stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    # this shell's environment as it is (the demo runs the daemon the way a user would), log to daemon.log
+    daemon = DaemonProcess(cfg, environ=subprocess_env(clean=False, checkout=False), cwd=None, log_file=log_path)
     verdicts = []
     try:
-        with Subscriber(f"tcp://127.0.0.1:{zmq_port}", cameras=["elpv"]) as sub:
+        try:
+            endpoint = daemon.wait_event("publisher_bound", START_TIMEOUT_S)["endpoint"]
+            metrics_url = daemon.wait_event("metrics_listening", START_TIMEOUT_S)["url"]
+        except LinewatchError as exc:
+            raise LinewatchError(f"{exc}; see {log_path}") from None
+        with Subscriber(endpoint, cameras=["elpv"]) as sub:
             masks = out / "masks"
             masks.mkdir(exist_ok=True)
             for old in masks.iterdir():
                 old.unlink()
             deadline = time.monotonic() + 600
             while len(verdicts) < len(labels) and time.monotonic() < deadline:
-                if daemon.poll() is not None:
+                if daemon.proc.poll() is not None:
                     raise LinewatchError(f"the daemon exited early (code {daemon.returncode}); see {log_path}")
                 v = sub.recv(timeout=1.0)
                 if v is None or not hasattr(v, "verdict"):
@@ -147,14 +127,10 @@ def run(args: argparse.Namespace) -> int:
                     mark = "" if truth is None else ("  (defective)" if truth else "  (good)")
                     print(f"   #{v.sequence:04d} {v.verdict.upper():4s} score {v.score:.4g} p={v.p_value:.3f} "
                           f"{Path(name).name}{mark}", flush=True)
-        metrics = scrape(metrics_url)
+        metrics = scrape(metrics_url, timeout=5)
     finally:
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
+        daemon.stop(30)  # SIGTERM; killed if it has not drained within 30 s
+        daemon.close()
     print("== 4/4 summary")
     y = np.array([labels.get(Path(v.ref or "").name, -1) for v in verdicts])
     s = np.array([v.score for v in verdicts])
@@ -163,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     known = y >= 0
     good, bad = known & (y == 0), known & (y == 1)
     auroc = image_auroc(y[known], s[known]) if known.any() else float("nan")
-    frames_metric = metrics.get("linewatch_frames_total", float("nan"))
+    frames_metric = metric_total(metrics, "linewatch_verdicts_total")
     rows = [
         ("frames streamed / verdicts received",
          f"{len(labels)} / {len(verdicts)} (metrics counted {frames_metric:.0f})"),

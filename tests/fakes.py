@@ -1,0 +1,143 @@
+"""Fakes shared by the unit and integration tests: a network camera, a subscriber that never reads.
+
+Imported as ``from fakes import ...`` (``tests/`` is on sys.path because conftest.py lives there)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+
+import cv2
+import numpy as np
+import zmq
+
+
+def jpeg(i: int, size: tuple[int, int] = (48, 64)) -> bytes:
+    """Frame ``i`` of a test stream: a flat grey level that changes per frame, with its number written on it."""
+    img = np.full((*size, 3), (i * 37) % 256, np.uint8)
+    cv2.putText(img, str(i), (2, size[0] - 4), cv2.FONT_HERSHEY_SIMPLEX, size[0] / 60, (255, 255, 255), 1)
+    return cv2.imencode(".jpg", img)[1].tobytes()
+
+
+class MJPEGCamera:
+    """An HTTP MJPEG camera (multipart/x-mixed-replace JPEGs) on a raw socket, any path streams, except:
+    ``/nolength``: parts without Content-Length; ``/corrupt``: every third part is not a JPEG; ``/page``: an
+    HTML page, not a stream. ``stop()`` ends every stream after a whole part and closes cleanly; ``kill()``
+    cuts every stream in the middle of a JPEG part and resets the connections (RST), as a camera losing
+    power or a cable being pulled would. A new instance on the same ``port`` is the camera coming back."""
+
+    BOUNDARY = b"fr"
+
+    def __init__(self, port: int = 0, size: tuple[int, int] = (48, 64), interval_s: float = 0.02):
+        self.size = size
+        self.interval_s = interval_s
+        self.parts_sent = 0
+        self._stopping = threading.Event()
+        self._killed = threading.Event()
+        self._open = threading.Condition()
+        self._conns = 0
+        self.srv = socket.socket()
+        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.srv.bind(("127.0.0.1", port))
+        self.srv.listen(8)
+        self.port = self.srv.getsockname()[1]
+        self._acceptor = threading.Thread(target=self._accept, name="fake-camera", daemon=True)
+        self._acceptor.start()
+
+    def url(self, path: str = "/stream") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:  # the listening socket was closed: stop() or kill()
+                return
+            with self._open:
+                self._conns += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _request_path(conn: socket.socket) -> str:
+        conn.settimeout(5)
+        data = b""
+        while b"\r\n\r\n" not in data and len(data) < 65536:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        conn.settimeout(None)
+        parts = data.split(b"\r\n", 1)[0].split()
+        return parts[1].decode("latin-1") if len(parts) >= 2 else "/"
+
+    def _serve(self, conn: socket.socket) -> None:
+        reset = False
+        try:
+            path = self._request_path(conn)
+            if path == "/page":
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/html\r\nContent-Length: 13\r\n\r\n"
+                             b"<html></html>")
+                return
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: multipart/x-mixed-replace; boundary="
+                         + self.BOUNDARY + b"\r\n\r\n")
+            i = 0
+            while True:
+                data = b"garbage" if path == "/corrupt" and i % 3 == 2 else jpeg(i, self.size)
+                head = b"--" + self.BOUNDARY + b"\r\nContent-Type: image/jpeg\r\n"
+                if path != "/nolength":
+                    head += b"Content-Length: %d\r\n" % len(data)
+                part = head + b"\r\n" + data + b"\r\n"
+                if self._killed.is_set():
+                    conn.sendall(part[: len(part) // 2])  # half a frame, then the line goes dead
+                    reset = True
+                    return
+                if self._stopping.is_set():
+                    return
+                conn.sendall(part)
+                self.parts_sent += 1
+                i += 1
+                self._stopping.wait(self.interval_s)  # the frame rate; wakes at once on stop() or kill()
+        except OSError:  # the client went away
+            pass
+        finally:
+            if reset:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close → RST
+            conn.close()
+            with self._open:
+                self._conns -= 1
+                self._open.notify_all()
+
+    def _end(self, kill: bool, timeout: float) -> None:
+        if kill:
+            self._killed.set()
+        self._stopping.set()
+        try:
+            self.srv.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (close alone does not, on Linux)
+        except OSError:  # already shut down: a second stop() or kill()
+            pass
+        self.srv.close()
+        self._acceptor.join(timeout)
+        with self._open:
+            if not self._open.wait_for(lambda: self._conns == 0, timeout):
+                raise AssertionError(f"the fake camera still has {self._conns} open connection(s)")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Finish the part being sent, close every connection cleanly, stop listening."""
+        self._end(kill=False, timeout=timeout)
+
+    def kill(self, timeout: float = 5.0) -> None:
+        """Cut every stream mid-frame with a connection reset; stop listening."""
+        self._end(kill=True, timeout=timeout)
+
+
+def stalled_subscriber(ctx: zmq.Context, endpoint: str, topic: str = "verdict.", rcvbuf: int = 2048) -> zmq.Socket:
+    """A SUB socket with the smallest buffers (HWM 1, ``rcvbuf`` bytes) that reads nothing unless told to:
+    what the daemon must survive without slowing down."""
+    s = ctx.socket(zmq.SUB)
+    s.setsockopt(zmq.RCVHWM, 1)
+    s.setsockopt(zmq.RCVBUF, rcvbuf)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt_string(zmq.SUBSCRIBE, topic)
+    s.connect(endpoint)
+    return s
