@@ -17,6 +17,11 @@ verdict with more than three parts: subscribers that never subscribe to ``previe
 before previews, and :class:`linewatch.client.Subscriber` unless asked) receive the verdict messages
 exactly as before, and the daemon sends a preview only while someone subscribes to ``preview.``.
 
+Verdicts of triggered cameras (``trigger: hardware|software``) add ``part_id`` and, past the camera's
+``verdict_deadline_ms``, come as a timeout verdict: ``"verdict": "fail"``, ``"timed_out": true``, no score — a v1
+subscriber reads it as a fail, which is what a reject gate needs. GenICam cameras add ``frame_id`` and
+``device_time`` (the camera's clock, ns). These keys appear only when set, so other headers are unchanged.
+
 Only the standard library is used so a subscriber needs nothing but pyzmq. The decoder validates
 everything it reads and raises :class:`MessageError` (a ``ValueError``) on anything malformed; it
 ignores header keys it does not know, so fields can be added without a schema bump. A subscriber
@@ -41,7 +46,8 @@ MAX_HEADER_BYTES = 1 << 20  # a header is ~1 KB; anything near this is garbage, 
 MAX_BOXES = 32  # boxes per verdict (largest first); n_regions tells how many there were in all
 CAMERA_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # no dots: topics stay unambiguous
 VERDICTS = ("pass", "fail")
-STATUS_KINDS = ("heartbeat", "camera", "lifecycle", "health")
+# calibration_mismatch: once per camera, when its first verdicts fail far beyond the calibrated rate
+STATUS_KINDS = ("heartbeat", "camera", "lifecycle", "health", "calibration_mismatch")
 CONDITIONS = ("ok", "black", "frozen", "blurred")  # camera health, kind "health"
 CAMERA_STATES = ("starting", "up", "down", "ended")
 LIFECYCLE_STATES = ("starting", "ready", "stopping", "stopped")
@@ -96,6 +102,14 @@ class Verdict:
     # not on the verdict message: the preview's parts, attached by a subscriber that asked for previews
     preview_jpeg: bytes | None = None
     heatmap_png: bytes | None = None
+    # part-triggered cameras (trigger: software|hardware): the part this verdict is for (the camera's frame id,
+    # else the sequence); timed_out: no verdict within verdict_deadline_ms, so verdict is "fail" (a v1
+    # subscriber and a PLC reject the part) with no score. Header keys only when set (old headers unchanged).
+    part_id: int | None = None
+    timed_out: bool = False
+    # GenICam cameras: the camera's own frame id and timestamp (ns on the camera's clock)
+    frame_id: int | None = None
+    device_time: int | None = None
     schema: int = SCHEMA_VERSION
 
     @property
@@ -117,7 +131,7 @@ class Verdict:
 
 @dataclass
 class Status:
-    kind: str  # heartbeat | camera | lifecycle
+    kind: str  # heartbeat | camera | lifecycle | health | calibration_mismatch (camera, reason, fail_rate)
     time: float
     run_id: str = ""
     camera: str | None = None  # camera events
@@ -199,6 +213,12 @@ def encode_verdict(v: Verdict) -> list[bytes]:
     }
     if v.preview_sent:  # only then: headers of a daemon without previews stay as they were
         header["preview_sent"] = True
+    for key in ("part_id", "frame_id", "device_time"):  # likewise: only for cameras that have them
+        value = getattr(v, key)
+        if value is not None:
+            header[key] = int(value)
+    if v.timed_out:
+        header["timed_out"] = True
     parts = [verdict_topic(v.camera).encode("ascii"), _dumps(header)]
     if v.mask_png is not None:
         parts.append(v.mask_png)
@@ -341,6 +361,10 @@ def _decode_verdict(topic: str, h: dict[str, Any], mask: bytes | None) -> Verdic
         run_id=_get(h, "run_id", str, optional=True) or "",
         mask_png=mask,
         preview_sent=_get(h, "preview_sent", bool, optional=True) or False,
+        part_id=_get(h, "part_id", int, optional=True),
+        timed_out=_get(h, "timed_out", bool, optional=True) or False,
+        frame_id=_get(h, "frame_id", int, optional=True),
+        device_time=_get(h, "device_time", int, optional=True),
     )
 
 
@@ -368,6 +392,9 @@ def _check_status(s: Status) -> None:
             raise MessageError(f"camera state {s.state!r} is not one of {', '.join(CAMERA_STATES)}")
     elif s.kind == "lifecycle" and s.state not in LIFECYCLE_STATES:
         raise MessageError(f"lifecycle state {s.state!r} is not one of {', '.join(LIFECYCLE_STATES)}")
+    elif s.kind == "calibration_mismatch":
+        if not s.camera or not CAMERA_NAME_RE.match(s.camera):
+            raise MessageError("calibration_mismatch status without a valid camera name")
     elif s.kind == "health":
         if not s.camera or not CAMERA_NAME_RE.match(s.camera):
             raise MessageError("health status without a valid camera name")

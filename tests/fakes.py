@@ -141,3 +141,45 @@ def stalled_subscriber(ctx: zmq.Context, endpoint: str, topic: str = "verdict.",
     s.setsockopt_string(zmq.SUBSCRIBE, topic)
     s.connect(endpoint)
     return s
+
+
+class StallingSource:
+    """A folder replay (looping, live pace) whose ``read()`` blocks, without returning or raising, while
+    the file ``STALL`` exists in the folder (a hung camera or a stalled network path that the backend keeps
+    retrying); and that kills its whole process (exit code 3) at a read while ``CRASH`` exists (a crashing
+    decoder). Made in a capture process by ``stalling_source`` (``CameraProcess(source_ref="fakes:stalling_source")``).
+    """
+
+    paced = False
+
+    def __init__(self, folder: str):
+        from pathlib import Path
+
+        from linewatch.service.sources.files import DirSource
+
+        self.folder = Path(folder)
+        self.inner = DirSource(folder, loop=True)
+        self.description = f"stalling://{folder}"
+        self.reads = 0
+
+    def open(self) -> None:
+        self.inner.open()
+
+    def read(self):
+        import os
+        import time
+
+        if (self.folder / "CRASH").exists():
+            os._exit(3)
+        while (self.folder / "STALL").exists():
+            time.sleep(0.02)  # never returns while stalled; only SIGTERM/SIGKILL ends it
+        self.reads += 1
+        time.sleep(0.01)  # ~100 frames/s at most: a camera, not a tight loop
+        return self.inner.read()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def stalling_source(cfg) -> StallingSource:
+    return StallingSource(cfg.source[len("dir://"):])

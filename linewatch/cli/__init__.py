@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from linewatch import __version__
-from linewatch.cli import service, station, tools
+from linewatch.cli import bridge, service, station, tools, view
 from linewatch.errors import LinewatchError
 
 
@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     station.register(sub)
     service.register(sub)
     tools.register(sub)
+    bridge.register(sub)
+    view.register(sub)
     return parser
 
 

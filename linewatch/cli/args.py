@@ -6,15 +6,22 @@ import argparse
 
 
 def parse_size(text: str) -> tuple[int, int]:
+    """``256`` or ``WxH`` (width first, as image sizes are written) → (h, w), as the model takes it."""
     try:
         parts = [int(x) for x in text.lower().replace("x", ",").split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use 256 or 256x256") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use 256, WxH such as 512x128, or auto") from None
     if len(parts) == 1:
         parts = parts * 2
     if len(parts) != 2 or min(parts) < 32 or max(parts) > 2048 or any(p % 16 for p in parts):
         raise argparse.ArgumentTypeError(f"{text!r}: sizes must be multiples of 16 between 32 and 2048")
-    return parts[0], parts[1]
+    w, h = parts
+    return h, w
+
+
+def parse_input_size(text: str) -> tuple[int, int] | str:
+    """A size as :func:`parse_size`, or ``auto`` (the images' aspect under a pixel budget)."""
+    return "auto" if text.strip().lower() == "auto" else parse_size(text)
 
 
 def parse_fraction(text: str) -> float:

@@ -1,4 +1,5 @@
-"""Station commands: ``weights``, ``calibrate``, ``evaluate``, ``infer`` (fit and measure a station offline)."""
+"""Station commands: ``weights``, ``record``, ``calibrate``, ``evaluate``, ``infer`` (fit and measure a station
+offline)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from linewatch.cli.args import parse_fraction, parse_size
+from linewatch.cli.args import parse_fraction, parse_input_size, parse_size
 from linewatch.errors import LinewatchError
 
 
@@ -45,13 +46,19 @@ def cmd_weights_status(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- calibrate
 def _calibrate_options(args: argparse.Namespace):
+    from linewatch.model.scoring import ScoreSpec
     from linewatch.station.calibration import CalibrateOptions
     from linewatch.station.training import TrainConfig
 
     train = TrainConfig(max_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                        schedule=args.schedule, seed=args.seed)
+                        schedule=args.schedule, seed=args.seed, select=args.select)
+    if args.tile is not None and args.input_size != "auto":
+        raise LinewatchError("--tile cuts tiles of the model input from frames at native resolution; "
+                             "leave out --input-size (or pass --input-size auto)")
     return CalibrateOptions(
         backbone=args.backbone, input_size=args.input_size, n_students=args.students,
+        tile=args.tile, tile_overlap=args.tile_overlap, blur_sigma=args.blur_sigma,
+        score=ScoreSpec(reduce=args.score, topk=args.score_topk, normalise=args.score_norm),
         val_fraction=args.val_fraction, cal_fraction=args.cal_fraction, alpha=args.alpha,
         pixel_alpha=args.pixel_alpha, device=args.device, teacher_weights=args.teacher_weights, train=train,
         max_images=args.max_images, progress=not args.quiet,
@@ -62,6 +69,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from linewatch.station.calibration import calibrate_station, recalibrate_thresholds
 
     opts = _calibrate_options(args)
+    opts.framing = _recorded_framing(args)
+    opts.report = not args.no_report
     if args.thresholds_only:
         if not args.model:
             raise LinewatchError("--thresholds-only needs --model MODEL (the bundle whose thresholds to re-fit)")
@@ -73,8 +82,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         report = calibrate_station(args.normal_dir, args.out, opts, defect_dir=args.defect_dir)
         target = args.out
     cal, ct = report.calibration, report.conformal
+    from linewatch.model import load_bundle
+
+    meta = load_bundle(target).meta
+    framing = f"model input {meta.input_size[1]}x{meta.input_size[0]}"
+    if meta.tiling:
+        fr = meta.tiling["frame"]
+        framing += f" tiles over {fr[1]}x{fr[0]} frames (overlap {meta.tiling['overlap']} px)"
     lines = [
         f"model written: {target}",
+        f"{framing}; image score {meta.score.get('reduce', 'max')}"
+        f"{' + per-position normalisation' if meta.score.get('normalise') == 'position' else ''}",
         f"images: {report.n_images} usable ({len(report.skipped)} unreadable, skipped)  "
         f"train {report.n_train} / validation {report.n_val} / calibration {report.n_cal}",
     ]
@@ -97,8 +115,39 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         d = report.defect_metrics
         lines.append(f"defect images: {int(d['n_defect'])}, recall {d['recall']:.3f}, "
                      f"precision (vs calibration good parts) {d['precision_vs_calibration']:.3f}")
+    if meta.framing:
+        from linewatch.model.bundle import describe_framing
+
+        how = "" if meta.framing.get("recorded") else " (measured: the folder was not recorded by linewatch record)"
+        lines.append(f"framing: {describe_framing(meta.framing)}{how}")
+    if report.report_path is not None:
+        lines.append(f"report: {report.report_path}")
     print("\n".join(lines))
     return 0
+
+
+def _recorded_framing(args: argparse.Namespace) -> dict | None:
+    """The normal folder's framing.json (``linewatch record``); with --config/--camera it must exist and match
+    the camera's current config."""
+    from linewatch.station.record import check_recorded_for, read_framing
+
+    framing = read_framing(args.normal_dir) if Path(args.normal_dir).is_dir() else None
+    if args.config is None and args.camera is None:
+        return framing
+    if args.config is None or args.camera is None:
+        raise LinewatchError("--config and --camera go together (the camera whose recorded frames to calibrate on)")
+    from linewatch.service.config import load_config
+
+    cfg = load_config(args.config)
+    cam = next((c for c in cfg.cameras if c.name == args.camera), None)
+    if cam is None:
+        raise LinewatchError(f"camera {args.camera!r} is not in {args.config} "
+                             f"(cameras: {', '.join(c.name for c in cfg.cameras)})")
+    if framing is None:
+        raise LinewatchError(f"{args.normal_dir} has no framing.json: record it with `linewatch record --config "
+                             f"{args.config} --camera {args.camera} --out {args.normal_dir}`")
+    check_recorded_for(framing, cam, args.normal_dir)
+    return framing
 
 
 # ---------------------------------------------------------------- evaluate / infer
@@ -106,8 +155,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from linewatch.model import load_detector
     from linewatch.station.evaluation import evaluate_mvtec
 
+    if args.mvtec is not None and (args.good or args.defect or args.masks):
+        raise LinewatchError("pass either --mvtec CATEGORY or --good DIR --defect DIR [--masks DIR], not both")
+    if args.mvtec is None and not (args.good and args.defect):
+        raise LinewatchError("evaluate needs --mvtec CATEGORY, or --good DIR and --defect DIR (labelled folders)")
     det = load_detector(args.model, args.device, args.teacher_weights)
-    r = evaluate_mvtec(det, args.mvtec)
+    if args.mvtec is not None:
+        r = evaluate_mvtec(det, args.mvtec)
+    else:
+        from linewatch.station.evaluation import evaluate_folders
+
+        r = evaluate_folders(det, args.good, args.defect, args.masks)
     rows = [
         ("category", r.category), ("test images (good / defective)", f"{r.n_good} / {r.n_defect}"),
         ("image AUROC", f"{r.image_auroc:.4f}"), ("pixel AUROC", f"{r.pixel_auroc:.4f}"),
@@ -120,8 +178,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                      f"({'consistent with' if r.false_reject_tail_p >= 0.05 else 'BREAKS'} the bound)"),
         ("pixel F1 @ pixel threshold", f"{r.pixel_f1:.4f}"),
     ] + [(f"recall: {k}", f"{v:.3f}") for k, v in r.per_defect_recall.items()] + [("seconds", f"{r.seconds:.1f}")]
+    if not r.has_masks:  # NaN pixel metrics would read as a broken model
+        rows = [(k, "needs --masks" if k in ("pixel AUROC", "PRO (FPR ≤ 0.3)", "pixel F1 @ pixel threshold") else v)
+                for k, v in rows]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    if not r.has_masks:
+        print("pixel metrics (pixel AUROC, PRO, pixel F1) need defect masks: pass --masks DIR "
+              "(<name>_mask.png or <name>.png per defect image, same sub-folders as --defect)")
+    for p in r.skipped:
+        print(f"skipped unreadable image: {p}")
     if args.json:
         d = asdict(r)
         d["model"] = str(args.model)
@@ -132,6 +198,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(d, indent=2, default=lambda v: None if isinstance(v, float)
                                               and math.isnan(v) else str(v)))
         print(f"json written: {args.json}")
+    return 0
+
+
+# ---------------------------------------------------------------- record
+def cmd_record(args: argparse.Namespace) -> int:
+    from linewatch.service.config import load_config
+    from linewatch.station.record import record
+
+    if args.count is not None and args.seconds is not None:
+        raise LinewatchError("pass --count N or --seconds S, not both")
+    cfg = load_config(args.config)
+    cam = next((c for c in cfg.cameras if c.name == args.camera), None)
+    if cam is None:
+        raise LinewatchError(f"camera {args.camera!r} is not in {args.config} "
+                             f"(cameras: {', '.join(c.name for c in cfg.cameras)})")
+    r = record(cam, args.out, count=args.count, seconds=args.seconds, every=args.every, max_mb=args.max_mb,
+               margin_mb=args.margin_mb, progress=not args.quiet)
+    why = {"count": "--count reached", "seconds": "--seconds reached", "ended": "the source ended",
+           "max_mb": f"stopped: --max-mb {args.max_mb:g} reached",
+           "disk": f"stopped: free disk space reached the {args.margin_mb:g} MB margin",
+           "interrupted": "interrupted"}[r.stopped]
+    roi = r.framing.get("roi")
+    print(f"recorded {r.frames} images ({r.bytes / 1e6:.1f} MB, {r.read} frames read, {r.decode_errors} "
+          f"undecodable) from camera {cam.name!r} into {r.out} in {r.seconds:.1f} s; {why}")
+    print(f"framing: roi {roi if roi else 'none (full frame)'}, frame size(s) "
+          f"{', '.join('x'.join(map(str, s)) for s in r.framing['source_sizes']) or '?'}, colour "
+          f"{r.framing.get('colour')} → {Path(r.out) / 'framing.json'}")
+    if r.frames == 0:
+        raise LinewatchError(f"no frames recorded from camera {cam.name!r} ({why})")
     return 0
 
 
@@ -167,13 +262,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--teacher-weights", help="teacher weights file (default: torchvision's cache)")
 
     c = subparsers.add_parser("calibrate", help="fit a station's model and thresholds from good parts")
-    c.add_argument("--normal-dir", required=True, help="folder of good-part images")
+    c.add_argument("--normal-dir", required=True, help="folder of good-part images (its framing.json, written by "
+                   "`linewatch record`, is kept in the bundle)")
+    c.add_argument("--config", help="daemon config: with --camera, check that --normal-dir was recorded from that "
+                   "camera with its current roi")
+    c.add_argument("--camera", help="the camera (with --config) the model is for")
+    c.add_argument("--no-report", action="store_true", help="do not write <out>.report.html")
     c.add_argument("--out", help="model bundle to write")
     c.add_argument("--model", help="existing bundle (with --thresholds-only)")
     c.add_argument("--thresholds-only", action="store_true", help="re-fit thresholds only, no training")
     c.add_argument("--defect-dir", help="known-defective images: report recall at the fitted threshold")
     c.add_argument("--backbone", default="mobilenet_v2", help="mobilenet_v2 (default), resnet18, wide_resnet50_2")
-    c.add_argument("--input-size", type=parse_size, default=(256, 256), help="model input, e.g. 256 or 256x320")
+    c.add_argument("--input-size", type=parse_input_size, default="auto",
+                   help="model input: 256, WxH (e.g. 512x128) or auto (default: the images' aspect ratio at "
+                        "~256² pixels, multiples of 16; square images get 256x256)")
+    c.add_argument("--tile", type=parse_size, help="score frames at native resolution as overlapping tiles of "
+                                                  "this size (e.g. 256 or 256x128)")
+    c.add_argument("--tile-overlap", type=int, default=32, help="pixels shared by neighbouring tiles (default 32)")
+    c.add_argument("--score", choices=["max", "topk"], default="topk",
+                   help="image score: mean of the map's top --score-topk fraction (default) or its max")
+    c.add_argument("--score-topk", type=float, default=0.01, help="fraction of map pixels for --score topk")
+    c.add_argument("--score-norm", choices=["none", "position"], default="none",
+                   help="position: normalise each map pixel by its mean/std over held-out good images")
+    c.add_argument("--blur-sigma", type=float, help="map blur in pixels (default 4 at 256², scaled with size)")
+    c.add_argument("--select", choices=["val_loss", "synthetic"], default="val_loss",
+                   help="checkpoint kept: lowest validation loss, or best separation of synthetic anomalies")
     c.add_argument("--students", type=int, default=1, help="number of students (ensemble)")
     c.add_argument("--epochs", type=int, default=40, help="epochs of the cosine schedule (default 40)")
     c.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better val loss")
@@ -190,9 +303,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     device_args(c)
     c.set_defaults(func=cmd_calibrate)
 
-    e = subparsers.add_parser("evaluate", help="AUROC / PRO / F1 on an MVTec AD category")
+    e = subparsers.add_parser("evaluate", help="AUROC / PRO / F1 on an MVTec AD category or labelled folders")
     e.add_argument("--model", required=True)
-    e.add_argument("--mvtec", required=True, help="category folder, e.g. .../mvtec_ad/bottle")
+    e.add_argument("--mvtec", help="category folder, e.g. .../mvtec_ad/bottle")
+    e.add_argument("--good", help="folder of good parts (searched recursively)")
+    e.add_argument("--defect", help="folder of defective parts (searched recursively; sub-folders = defect types)")
+    e.add_argument("--masks", help="defect masks, same layout as --defect: enables pixel AUROC, PRO, pixel F1")
     e.add_argument("--json", help="also write the results as JSON here")
     device_args(e)
     e.set_defaults(func=cmd_evaluate)
@@ -203,3 +319,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument("images", nargs="+", help="image files or folders")
     device_args(i)
     i.set_defaults(func=cmd_infer)
+
+    r = subparsers.add_parser("record", help="save a camera's frames (its roi, colour; losslessly) for calibration")
+    r.add_argument("--config", required=True, help="the daemon config naming the camera")
+    r.add_argument("--camera", required=True, help="camera name in the config")
+    r.add_argument("--out", required=True, help="new (or empty) folder for the PNGs and framing.json")
+    r.add_argument("--count", type=int, help="stop after this many images")
+    r.add_argument("--seconds", type=float, help="stop after this many seconds")
+    r.add_argument("--every", type=int, default=1, help="keep every K-th frame (default 1: all)")
+    r.add_argument("--max-mb", type=float, default=2000.0, help="stop once this many MB are written (default 2000)")
+    r.add_argument("--margin-mb", type=float, default=500.0,
+                   help="never leave less than this much free disk space (default 500 MB)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_record)

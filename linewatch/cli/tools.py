@@ -44,7 +44,7 @@ def _register_bench(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep-s", type=float, default=1.5, help="seconds per batch size in the batch sweep")
     p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:N")
     p.add_argument("--threads", type=int, help="torch threads (default: what `linewatch run` picks for --cameras)")
-    p.add_argument("--engine", default="auto", help="auto, eager, jit, compile or reference (model.engine)")
+    p.add_argument("--engine", default="auto", help="auto, eager, jit, compile, graph or reference (model.engine)")
     p.add_argument("--compare-engines", metavar="LIST", help="also time bare with these engines, e.g. reference,eager")
     p.add_argument("--images", default=bench.DEFAULT_IMAGES, help="folder of test images, with or without sub-folders "
                    "(default: %(default)s)")
@@ -55,7 +55,7 @@ def _register_bench(subparsers: argparse._SubParsersAction) -> None:
                    "below saturation (default 0.9; 0 = off)")
     p.add_argument("--masks", default="fail", choices=["fail", "all", "none"], help="publisher.masks (default fail)")
     p.add_argument("--modes", default=",".join(bench.MODES),
-                   help="comma-separated subset of: " + ", ".join(bench.MODES))
+                   help="comma-separated subset of: " + ", ".join(bench.ALL_MODES))
     p.add_argument("--short", action="store_true", help="a few seconds in all (CI): 1 round, 1 s per mode")
     p.add_argument("--profile", action="store_true", help="show where a frame's time goes, stage by stage")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")

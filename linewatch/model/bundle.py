@@ -26,6 +26,8 @@ from linewatch.errors import BundleError
 
 FORMAT = "linewatch-bundle"
 FORMAT_VERSION = 1
+MAX_TILES = 1024  # per frame: a header asking for more is not a station anyone built
+SCORER_PREFIX = "scorer."  # tensors of the image scorer (per-position statistics), beside the student weights
 
 
 @dataclass
@@ -63,6 +65,12 @@ class BundleMeta:
     blur_sigma: float
     calibration: Calibration | None = None
     training: dict[str, Any] = field(default_factory=dict)
+    # image score (linewatch.model.scoring.ScoreSpec.to_dict); empty = max of the blurred map
+    score: dict[str, Any] = field(default_factory=dict)
+    # tiling (linewatch.model.tiling.TileSpec.to_dict): frames scored as tiles at native resolution; None = off
+    tiling: dict[str, Any] | None = None
+    # how the calibration images were framed (see framing_problem); None = a bundle older than this field
+    framing: dict[str, Any] | None = None
     linewatch_version: str = __version__
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -82,11 +90,13 @@ class BundleMeta:
         return meta
 
 
-def save_bundle(path: str | os.PathLike, students_state: dict[str, torch.Tensor], meta: BundleMeta) -> None:
+def save_bundle(path: str | os.PathLike, students_state: dict[str, torch.Tensor], meta: BundleMeta,
+                scorer_state: dict[str, torch.Tensor] | None = None) -> None:
     """Write atomically (temp file + rename) so a daemon reloading it never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in students_state.items()}
+    tensors.update({SCORER_PREFIX + k: v.detach().cpu().contiguous() for k, v in (scorer_state or {}).items()})
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -107,6 +117,7 @@ class LoadedBundle:
     students_state: dict[str, torch.Tensor]
     model_id: str  # first 12 hex digits of the file's sha256: changes whenever weights or thresholds do
     path: Path
+    scorer_state: dict[str, torch.Tensor] = field(default_factory=dict)  # per-position statistics, if any
 
 
 def _finite(v: Any) -> bool:
@@ -136,6 +147,11 @@ def _meta_problem(meta: BundleMeta) -> str | None:
         return f"blur_sigma {meta.blur_sigma!r} is not a number in 0..64"
     if not isinstance(meta.training, dict):
         return "training is not an object"
+    problem = _score_tiling_problem(meta)
+    if problem:
+        return problem
+    if meta.framing is not None and not isinstance(meta.framing, dict):
+        return "framing is not an object"
     cal = meta.calibration
     if cal is not None:
         for name in ("image_threshold", "pixel_threshold", "alpha", "false_reject_bound", "pixel_alpha"):
@@ -150,6 +166,38 @@ def _meta_problem(meta: BundleMeta) -> str | None:
         if not isinstance(cal.stats, dict):
             return "calibration stats is not an object"
     return None
+
+
+def _score_tiling_problem(meta: BundleMeta) -> str | None:
+    from linewatch.model.scoring import ScoreSpec
+    from linewatch.model.tiling import TileSpec, axis_origins
+
+    if not isinstance(meta.score, dict):
+        return "score is not an object"
+    try:
+        ScoreSpec.from_dict(meta.score)
+    except (TypeError, ValueError) as exc:
+        return f"score: {exc}"
+    if meta.tiling is not None:
+        if not isinstance(meta.tiling, dict):
+            return "tiling is not an object"
+        try:
+            spec = TileSpec.from_dict(meta.tiling)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            return f"tiling: {exc}"
+        if spec.tile != tuple(meta.input_size) or not all(16 <= v <= 8192 for v in spec.frame):
+            return "tiling: tile is not the input size or frame is not in 16..8192"
+        if len(axis_origins(spec.frame[0], spec.tile[0], spec.overlap)) * \
+                len(axis_origins(spec.frame[1], spec.tile[1], spec.overlap)) > MAX_TILES:
+            return f"tiling: more than {MAX_TILES} tiles per frame"
+    return None
+
+
+def split_scorer_state(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(student weights, scorer tensors): per-position statistics are stored as ``scorer.pos_mean`` etc."""
+    students = {k: v for k, v in tensors.items() if not k.startswith(SCORER_PREFIX)}
+    scorer = {k[len(SCORER_PREFIX):]: v for k, v in tensors.items() if k.startswith(SCORER_PREFIX)}
+    return students, scorer
 
 
 def load_bundle(path: str | os.PathLike) -> LoadedBundle:
@@ -187,4 +235,79 @@ def load_bundle(path: str | os.PathLike) -> LoadedBundle:
     if problem:
         raise BundleError(f"model file {path} has an invalid header ({problem}); {fix}")
     model_id = hashlib.sha256(raw).hexdigest()[:12]
-    return LoadedBundle(meta=meta, students_state=tensors, model_id=model_id, path=path)
+    tensors, scorer_state = split_scorer_state(tensors)
+    return LoadedBundle(meta=meta, students_state=tensors, model_id=model_id, path=path, scorer_state=scorer_state)
+
+
+# --------------------------------------------------------------------------- framing
+# A model only means something for frames framed like its calibration images: same region of the scene
+# (ROI), same aspect once resized to the model input, same colour. The bundle records what calibrate saw;
+# the daemon compares each camera against it at start (and at the first frame, when the size is known).
+
+ASPECT_TOLERANCE = 0.03  # relative: 900x900 vs 900x880 is the same framing, 900x900 vs 600x300 is not
+
+
+def _pair(v: Any) -> tuple[int, int] | None:
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v):
+        return int(v[0]), int(v[1])
+    return None
+
+
+def _roi(v: Any) -> tuple[int, int, int, int] | None:
+    if isinstance(v, (list, tuple)) and len(v) == 4 and all(isinstance(x, int) and x >= 0 for x in v):
+        return int(v[0]), int(v[1]), int(v[2]), int(v[3])
+    return None
+
+
+def framing_region(framing: dict[str, Any]) -> tuple[int, int] | None:
+    """(w, h) of the image region the model was calibrated on: the ROI, else the (single) source frame size."""
+    roi = _roi(framing.get("roi"))
+    if roi is not None:
+        return roi[2], roi[3]
+    sizes = [s for s in (_pair(x) for x in framing.get("source_sizes") or []) if s is not None]
+    if len(sizes) == 1:
+        return sizes[0]
+    return None  # mixed sizes, or nothing recorded
+
+
+def describe_framing(framing: dict[str, Any]) -> str:
+    """One phrase, e.g. ``roi [10, 20, 300, 150] of 900x900 frames (aspect 2.00, rgb)``."""
+    sizes = [s for s in (_pair(x) for x in framing.get("source_sizes") or []) if s is not None]
+    frames = "/".join(f"{w}x{h}" for w, h in sizes[:3]) + ("/…" if len(sizes) > 3 else "") if sizes else "?"
+    roi = _roi(framing.get("roi"))
+    where = f"roi {list(roi)} of {frames} frames" if roi is not None else f"full {frames} frames"
+    region = framing_region(framing)
+    aspect = f"aspect {region[0] / region[1]:.2f}" if region else "aspect ?"
+    return f"{where} ({aspect}, {framing.get('colour', '?')})"
+
+
+def camera_framing(roi: tuple[int, int, int, int] | None, frame_size: tuple[int, int] | None,
+                   colour: str | None = None) -> dict[str, Any]:
+    """A camera's framing in the bundle's terms (``frame_size`` (w, h) once a frame was seen)."""
+    return {"roi": list(roi) if roi is not None else None,
+            "source_sizes": [list(frame_size)] if frame_size is not None else [], "colour": colour or "?"}
+
+
+def framing_problem(model: dict[str, Any], camera: dict[str, Any]) -> tuple[str, str] | None:
+    """Compare a camera's framing with the model's: None when they agree (as far as is known),
+    ("error", why) when the region's aspect, the ROI or the colour differ, ("warning", why) when only the
+    size differs (same aspect: the model sees the same picture at another resolution)."""
+    m_region, c_region = framing_region(model), framing_region(camera)
+    m_roi, c_roi = _roi(model.get("roi")), _roi(camera.get("roi"))
+    m_sizes = [s for s in (_pair(x) for x in model.get("source_sizes") or []) if s is not None]
+    if m_roi is not None and len(m_sizes) == 1 and m_roi == (0, 0, *m_sizes[0]):
+        m_roi = None  # an ROI covering the whole frame is no crop
+    if m_region is not None and c_region is not None:
+        ma, ca = m_region[0] / m_region[1], c_region[0] / c_region[1]
+        if abs(ca - ma) > ASPECT_TOLERANCE * ma:
+            return "error", "the image region has another aspect"
+    elif m_roi is not None and c_roi is None and c_region is None:
+        return "error", "the model was calibrated on a crop and the camera has no roi"
+    mc, cc = model.get("colour"), camera.get("colour")
+    if mc in ("rgb", "mono") and cc in ("rgb", "mono") and mc != cc:
+        return "error", f"the model was calibrated on {mc} images, the camera delivers {cc}"
+    if m_region is not None and c_region is not None and m_region != c_region:
+        return "warning", "same aspect, another size (the model sees the same picture at another resolution)"
+    if m_roi is not None and c_roi is not None and m_roi[:2] != c_roi[:2]:
+        return "warning", "same size, the roi is at another place in the frame"
+    return None

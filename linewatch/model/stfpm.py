@@ -13,6 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from linewatch.model.backbones import PyramidExtractor, build_extractor
+from linewatch.model.scoring import ImageScorer, ScoreSpec, gaussian_kernel1d
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "STFPM", "default_blur_sigma", "gaussian_kernel1d", "stage_distances",
+           "stfpm_loss"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,13 +45,6 @@ def stage_distances(teacher: Sequence[torch.Tensor], student: Sequence[torch.Ten
     return amap[:, 0]
 
 
-def gaussian_kernel1d(sigma: float) -> torch.Tensor:
-    radius = max(1, int(4.0 * sigma + 0.5))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
-
-
 class STFPM(nn.Module):
     """Teacher + N students. ``forward`` maps a batch of images to (anomaly maps, image scores)."""
 
@@ -60,6 +57,7 @@ class STFPM(nn.Module):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         blur_sigma: float = 4.0,
+        score: ScoreSpec | None = None,
     ):
         super().__init__()
         if n_students < 1:
@@ -74,8 +72,8 @@ class STFPM(nn.Module):
         self.students = nn.ModuleList(build_extractor(backbone) for _ in range(n_students))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        kernel = gaussian_kernel1d(blur_sigma) if blur_sigma > 0 else torch.ones(1)
-        self.register_buffer("blur_kernel", kernel, persistent=False)
+        # blur, optional per-position normalisation and the reduction to an image score (see .scoring)
+        self.scorer = ImageScorer(blur_sigma, score)
 
     @property
     def n_students(self) -> int:
@@ -112,28 +110,21 @@ class STFPM(nn.Module):
 
     def blur(self, maps: torch.Tensor) -> torch.Tensor:
         """Separable Gaussian smoothing of (B,H,W) maps, as anomalib does before taking the max."""
-        if self.blur_sigma <= 0:
-            return maps
-        k = self.blur_kernel.to(maps.dtype)
-        r = k.numel() // 2
-        x = maps.unsqueeze(1)
-        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-        x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
-        return x[:, 0]
+        return self.scorer.blur(maps)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(anomaly maps (B,H,W) at input size, image scores (B,)); with several students the map is
-        their mean distance plus their variance (Bergmann et al., 2020)."""
+    def raw_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Unblurred (B,H,W) maps at input size; with several students the map is their mean distance
+        plus their variance (Bergmann et al., 2020)."""
         x = self.preprocess(images)
         t, ss = self.features(x)
         per_student = torch.stack([stage_distances(t, s, self.input_size) for s in ss])
         if len(ss) > 1:
-            maps = per_student.mean(0) + per_student.var(0, unbiased=False)
-        else:
-            maps = per_student[0]
-        maps = self.blur(maps)
-        scores = maps.flatten(1).amax(1)
-        return maps, scores
+            return per_student.mean(0) + per_student.var(0, unbiased=False)
+        return per_student[0]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(anomaly maps (B,H,W) at input size, image scores (B,)), scored as ``self.scorer`` says."""
+        return self.scorer(self.raw_maps(images))
 
 
 def default_blur_sigma(input_size: Sequence[int]) -> float:

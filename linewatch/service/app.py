@@ -27,18 +27,21 @@ from typing import TYPE_CHECKING
 import structlog
 
 from linewatch import __version__
-from linewatch.errors import BundleError
+from linewatch.errors import BundleError, LinewatchError
 from linewatch.logsetup import configure_logging
 from linewatch.messages import Status
 from linewatch.service.capture import CameraThread
+from linewatch.service.capture_process import CameraProcess, open_gate, start_gate
 from linewatch.service.config import CameraConfig, LinewatchConfig
 from linewatch.service.frames import FrameQueue
 from linewatch.service.liveness import check_liveness
 from linewatch.service.observers.archive import RejectArchive
 from linewatch.service.observers.drift import DriftMonitor
+from linewatch.service.observers.sanity import StartupSanityCheck
 from linewatch.service.publisher import Publisher
 from linewatch.service.reload import ModelReloader, publish_model_info
 from linewatch.service.runtime import configure_threads, freeze_startup_objects
+from linewatch.service.shm import slot_bytes_for
 from linewatch.service.sources import Source
 from linewatch.service.telemetry.prometheus import Metrics, MetricsServer
 from linewatch.service.telemetry.sdnotify import SdNotifier
@@ -48,6 +51,10 @@ if TYPE_CHECKING:
     from linewatch.service.worker import InferenceWorker, Observer
 
 log = structlog.get_logger("linewatch.daemon")
+
+class FramingError(LinewatchError):
+    """A camera frames the scene differently from the model's calibration images (one line: both named)."""
+
 
 CAMERA_READY_WAIT_S = 30.0  # at most this long for the first open attempts before READY=1
 STATUS_EVERY_S = 5.0
@@ -75,8 +82,9 @@ class Daemon:
         self._first_signal: float | None = None
         self._exit_code = 0
         self.started = time.monotonic()
-        self.cameras: list[CameraThread] = []
+        self.cameras: list[CameraThread | CameraProcess] = []
         self.drift_monitor: DriftMonitor | None = None
+        self.sanity: StartupSanityCheck | None = None
         self.archive: RejectArchive | None = None
         self.worker: InferenceWorker | None = None
         self.publisher: Publisher | None = None
@@ -201,7 +209,8 @@ class Daemon:
         self.queue = self._queue_factory(self.cfg.batching.frame_queue, self.metrics)
         self._start_worker(det, self._start_observers(det))
         self.reloader.attach(self.worker, self.publisher)
-        self._start_cameras(det.input_size)
+        # on a device that resizes (and decodes JPEG) itself, frames travel at ROI resolution
+        self._start_cameras(None if getattr(det, "device_preprocess", False) else det.input_size)
         self._announce_ready()
 
     def _start_metrics_server(self) -> None:
@@ -230,14 +239,38 @@ class Daemon:
         det = self._preloaded if self._preloaded is not None else load_detector(
             cfg.model.bundle, cfg.device, cfg.model.teacher_weights, engine=cfg.model.engine)
         cal = det.calibration  # no calibration → a LinewatchError telling to run calibrate
-        det.warm_up()
+        # on CUDA the graph engine captures one graph per batch bucket up to the largest batch warm_up sees
+        det.warm_up((1, cfg.batching.max_batch) if str(det.device).startswith("cuda") else (1,))
         self.model_id = det.model_id
         publish_model_info(self.metrics, det)
+        self._check_framing(det)
         self.log.info("model_loaded", model_id=det.model_id, backbone=det.meta.backbone, bundle=str(cfg.model.bundle),
                       input_size=list(det.input_size), device=str(det.device), torch_threads=torch_threads,
                       engine=det.engine, image_threshold=cal.image_threshold, pixel_threshold=cal.pixel_threshold,
                       seconds=round(time.monotonic() - t0, 2))
         return det
+
+    def _check_framing(self, det: Detector) -> None:
+        """Each camera against the framing the model was calibrated on (what is known before the first frame:
+        the ROI; the frame size and colour are checked on the first frame by the sanity check)."""
+        from linewatch.model.bundle import camera_framing, describe_framing, framing_problem
+
+        framing = getattr(det.meta, "framing", None)
+        if not isinstance(framing, dict):
+            self.log.info("model_framing_unknown", reason="the bundle predates framing records; re-calibrate "
+                          "(linewatch record, then calibrate --config) to have cameras checked against it")
+            return
+        for cam in self.cfg.cameras:
+            problem = framing_problem(framing, camera_framing(cam.roi, None))
+            if problem is None:
+                continue
+            level, why = problem
+            what = (f"camera {cam.name!r} roi {list(cam.roi) if cam.roi else 'none (full frame)'} vs model "
+                    f"{self.cfg.model.bundle.name} calibrated on {describe_framing(framing)}: {why}")
+            if level == "error":
+                raise FramingError(f"{what}; record the camera and re-calibrate (linewatch record, then "
+                                   "linewatch calibrate --config) or fix the camera's roi")
+            self.log.warning("framing_differs", camera=cam.name, detail=what)
 
     def _wait_for_subscriber(self) -> None:
         wait_s = self.cfg.publisher.wait_for_subscriber_s
@@ -253,6 +286,12 @@ class Daemon:
         cal = det.calibration
         observers: list[Observer] = []
         assert self.publisher is not None
+        if cfg.health.startup_check_frames > 0:
+            self.sanity = StartupSanityCheck(
+                self.metrics, cal.false_reject_bound, cfg.health.startup_check_frames, cfg.health.startup_check_p,
+                self.publisher.submit_status, self.run_id, framing=getattr(det.meta, "framing", None),
+                n_calibration=len(cal.scores))
+            observers.append(self.sanity.observe)
         if cfg.health.enabled:
             self.drift_monitor = DriftMonitor(cfg.health, self.metrics, cal.stats, self.publisher.submit_status,
                                               self.run_id)
@@ -267,24 +306,44 @@ class Daemon:
         return observers
 
     def _start_worker(self, det: Detector, observers: list[Observer]) -> None:
+        from linewatch.service.deadlines import DeadlineTracker
         from linewatch.service.worker import InferenceWorker  # imports torch
 
         cfg = self.cfg
         assert self.queue is not None and self.publisher is not None
+        # the drift monitor sees one verdict in health.sample_every_n per camera; the archive every fail
+        sampled = [self.drift_monitor.observe] if self.drift_monitor is not None else []
         self.worker = InferenceWorker(det, self.queue, self.publisher.submit_verdict, self.metrics,
                                       max_batch=cfg.batching.max_batch, max_wait_ms=cfg.batching.max_wait_ms,
-                                      masks=cfg.publisher.masks, run_id=self.run_id, observers=observers,
-                                      preview=self.publisher.wants_preview)
+                                      masks=cfg.publisher.masks, run_id=self.run_id,
+                                      observers=[o for o in observers if o not in sampled],
+                                      sampled_observers=sampled, sample_every_n=cfg.health.sample_every_n,
+                                      preview=self.publisher.wants_preview,
+                                      deadlines=DeadlineTracker.for_cameras(cfg.cameras))
         self.worker.start()
 
-    def _start_cameras(self, input_size: tuple[int, int]) -> None:
+    def _start_cameras(self, input_size: tuple[int, int] | None) -> None:
+        """A capture process per camera (``capture.mode: process``), or a capture thread. Sources made by the
+        caller (``source_factory``: the bench, tests) live in this process, so they get threads."""
         assert self.queue is not None
+        cap = self.cfg.capture
+        mode = "thread" if self._source_factory is not None else cap.mode
+        self.log.info("capture_mode", mode=mode, resize="device" if input_size is None else "capture")
+        gate = start_gate() if mode == "process" else None
         for cam_cfg in self.cfg.cameras:
-            src = self._source_factory(cam_cfg, self.queue) if self._source_factory is not None else None
-            cam = CameraThread(cam_cfg, self.queue, self.metrics, input_size, on_state=self._on_camera_state,
-                               source=src)
+            cam: CameraThread | CameraProcess
+            if mode == "process":
+                cam = CameraProcess(cam_cfg, self.queue, self.metrics, input_size, slots=cap.slots,
+                                    slot_bytes=slot_bytes_for(input_size, cap.slot_mb), on_state=self._on_camera_state,
+                                    gate=gate, logging=(self.cfg.logging.format, self.cfg.logging.level))
+            else:
+                src = self._source_factory(cam_cfg, self.queue) if self._source_factory is not None else None
+                cam = CameraThread(cam_cfg, self.queue, self.metrics, input_size, on_state=self._on_camera_state,
+                                   source=src)
             self.cameras.append(cam)
             cam.start()
+        if gate is not None:  # the processes start up in parallel; they begin reading together
+            open_gate(gate, [c for c in self.cameras if isinstance(c, CameraProcess)])
 
     def _announce_ready(self) -> None:
         """READY=1 once every camera has had its first open attempt (or after a bounded wait)."""
@@ -344,6 +403,9 @@ class Daemon:
         self.model_id = det.model_id
         if self.drift_monitor is not None:
             self.drift_monitor.set_calibration(det.calibration.stats)
+        if self.sanity is not None:
+            cal = det.calibration
+            self.sanity.set_calibration(cal.false_reject_bound, getattr(det.meta, "framing", None), len(cal.scores))
 
     def _all_done(self) -> bool:
         return (all(c.state == "ended" for c in self.cameras) and self.queue is not None and len(self.queue) == 0

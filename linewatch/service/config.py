@@ -36,10 +36,10 @@ class ModelConfig(_Section):
     bundle: Path = Field(description="model bundle written by `linewatch calibrate`")
     teacher_weights: Path | None = Field(
         None, description="ImageNet weights of the backbone; default: $TORCH_HOME/hub/checkpoints/<file>")
-    engine: Literal["auto", "eager", "jit", "compile", "reference"] = Field(
+    engine: Literal["auto", "eager", "jit", "compile", "graph", "reference"] = Field(
         "auto", description="how the model runs: auto (what measured fastest for the backbone and device), "
-        "eager (BatchNorm folded), jit (TorchScript, CPU), compile (torch.compile: needs a C++ compiler, slow "
-        "start), reference (unoptimised); see docs/performance.md")
+        "eager (BatchNorm folded), jit (TorchScript, CPU), graph (CUDA graphs, CUDA), compile (torch.compile: "
+        "needs a C++ compiler, slow start), reference (unoptimised); see docs/performance.md")
 
 
 class BatchingConfig(_Section):
@@ -62,7 +62,23 @@ class ReconnectConfig(_Section):
         return self
 
 
-SOURCE_KINDS = ("v4l2", "rtsp", "http", "dir", "file")
+class CaptureConfig(_Section):
+    """How frames get from the cameras to inference (see linewatch.service.capture_process)."""
+
+    mode: Literal["process", "thread"] = Field(
+        "process", description="process: one capture process per camera, frames over shared memory (decoding "
+        "never holds the daemon's GIL; a hung source is killed and restarted); thread: capture threads in the "
+        "daemon (a hung read is reported down but cannot be killed)")
+    slots: int = Field(8, ge=2, le=1024, description="process mode: shared-memory frame slots per camera; the "
+                       "oldest unread slot is overwritten (and counted as dropped) when all are full")
+    slot_mb: float = Field(8.0, gt=0, le=1024, description="process mode, when the model resizes on the GPU: "
+                           "bytes per slot for a frame at ROI resolution (or a JPEG); a larger frame is dropped "
+                           "and counted")
+
+
+SOURCE_KINDS = ("v4l2", "rtsp", "http", "dir", "file", "aravis", "pylon")
+GENICAM_KINDS = ("aravis", "pylon")  # sources with GenICam features and a software trigger
+GENICAM_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
 
 
 def source_kind(source: str) -> str:
@@ -76,20 +92,37 @@ def source_kind(source: str) -> str:
         return "http"
     if low.startswith("dir://"):
         return "dir"
+    if low.startswith("aravis://"):
+        return "aravis"
+    if low.startswith("pylon://"):
+        return "pylon"
     if "://" in s and not low.startswith("file://"):
         raise ValueError(f"source {source!r} has an unsupported scheme; use a V4L2 index or /dev/videoN, "
-                         "rtsp://, http(s)://, dir://FOLDER or a video file path")
+                         "rtsp://, http(s)://, dir://FOLDER, aravis://CAMERA, pylon://SERIAL or a video file path")
     return "file"
 
 
 class CameraConfig(_Section):
     name: str = Field(description="letters, digits, _ and -; it is in the topic verdict.<name>")
-    source: str = Field(description="0 | /dev/videoN | rtsp://… | http(s)://… (MJPEG) | dir://FOLDER | video file")
+    source: str = Field(description="0 | /dev/videoN | rtsp://… | http(s)://… (MJPEG) | dir://FOLDER | video file | "
+                        "aravis://DEVICE-ID-OR-SERIAL | pylon://SERIAL")
     roi: tuple[int, int, int, int] | None = Field(None, description="[x, y, w, h] crop in frame pixels")
     fps: float | None = Field(None, gt=0, le=1000, description="rate cap; for files and folders the replay rate")
     on_end: Literal["stop", "loop"] = Field("stop", description="files and folders: stop at the end or loop")
     timeout_s: PositiveFloat = Field(10.0, description="network sources: open/read timeout before 'lost'")
     reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
+    recursive: bool = Field(False, description="dir:// only: replay the images in sub-folders too (sorted by "
+                            "relative path; a verdict's ref is that relative path)")
+    features: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="aravis:// and pylon:// only: GenICam features set at open, by name, "
+        "e.g. {ExposureTime: 5000, Gain: 2, PixelFormat: BayerRG8}; applied in the order written")
+    trigger: Literal["none", "hardware", "software"] = Field(
+        "none", description="none: free-running; hardware: every frame is a part (the camera waits for its trigger "
+        "line); software: every frame is a part, linewatch fires the camera's software trigger at fps "
+        "(aravis://, pylon://)")
+    verdict_deadline_ms: float | None = Field(
+        None, gt=0, le=600_000, description="triggered cameras: a part with no verdict this long after capture gets "
+        "a timeout verdict (fail, timed_out: true); its late verdict is not published (counted)")
 
     @field_validator("source", mode="before")
     @classmethod
@@ -123,6 +156,33 @@ class CameraConfig(_Section):
             if x < 0 or y < 0 or w < 1 or h < 1:
                 raise ValueError(f"roi {list(v)} must be [x ≥ 0, y ≥ 0, w ≥ 1, h ≥ 1]")
         return v
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for name in v:
+            if not GENICAM_NAME_RE.match(name):
+                raise ValueError(f"feature name {name!r} is not a GenICam name (letters, digits and _)")
+        return v
+
+    @model_validator(mode="after")
+    def _camera_kind(self) -> CameraConfig:
+        kind = self.kind
+        if self.features and kind not in GENICAM_KINDS:
+            raise ValueError(f"features are for aravis:// and pylon:// cameras, not {kind} sources")
+        if self.trigger == "software" and kind not in GENICAM_KINDS:
+            raise ValueError(f"trigger: software needs an aravis:// or pylon:// camera, not a {kind} source")
+        if self.trigger == "software" and not self.fps:
+            raise ValueError("trigger: software needs fps (the trigger rate)")
+        if self.verdict_deadline_ms is not None and self.trigger == "none":
+            raise ValueError("verdict_deadline_ms needs trigger: hardware or software (each frame a part)")
+        return self
+
+    @model_validator(mode="after")
+    def _recursive_dir_only(self) -> CameraConfig:
+        if self.recursive and self.kind != "dir":
+            raise ValueError("recursive: true applies to dir:// sources only")
+        return self
 
     @property
     def kind(self) -> str:
@@ -205,6 +265,13 @@ class HealthConfig(_Section):
     blur_ratio: float = Field(0.3, gt=0, le=1, description="sharpness below this fraction of the calibration "
                               "images' median → blurred (needs a bundle calibrated by linewatch ≥ 0.1)")
     bad_frames: int = Field(10, ge=1, le=100_000, description="black/blurred frames in a row before it is reported")
+    startup_check_frames: int = Field(
+        20, ge=0, le=100_000, description="start-up sanity check: if a camera's first N verdicts fail far beyond "
+        "the calibrated false-reject bound (binomial test), report calibration_mismatch once; 0 = off")
+    startup_check_p: float = Field(1e-3, gt=0, lt=1, description="p-value under which the start-up fails count "
+                                   "as far beyond the calibrated rate")
+    sample_every_n: int = Field(4, ge=1, le=100_000, description="check one verdict in this many per camera "
+                                "(frozen_frames and bad_frames count checked frames); 1 = every verdict")
 
 
 class ArchiveConfig(_Section):
@@ -226,6 +293,7 @@ class LinewatchConfig(BaseSettings):
     model: ModelConfig
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
     cameras: list[CameraConfig] = Field(min_length=1)
     publisher: PublisherConfig = Field(default_factory=PublisherConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)

@@ -11,6 +11,7 @@ import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,12 +29,19 @@ class SourceLost(SourceError):
     """An open source stopped delivering."""
 
 
+class SourceIdle(Exception):
+    """No frame yet, and nothing wrong: a hardware-triggered camera, alive, waiting for its next part. The
+    capture loop reads again (a read returns within the camera's timeout, so the watchdog sees it alive)."""
+
+
 class FrameDecodeError(Exception):
     """One frame could not be decoded; the source is still fine."""
 
-    def __init__(self, message: str, ref: str | None = None):
+    def __init__(self, message: str, ref: str | None = None, incomplete: str | None = None):
         super().__init__(message)
         self.ref = ref
+        # a camera buffer that arrived incomplete or failed (GenICam sources): why, e.g. "missing_packets"
+        self.incomplete = incomplete
 
 
 @dataclass
@@ -43,6 +51,8 @@ class RawFrame:
     image: np.ndarray
     rgb: bool  # False: OpenCV's BGR (or gray/BGRA)
     ref: str | None = None
+    device_time: int | None = None  # the camera's own timestamp (ns on its clock), GenICam cameras only
+    frame_id: int | None = None  # the camera's frame (block) id, GenICam cameras only
 
 
 @dataclass
@@ -55,6 +65,8 @@ class Frame:
     frame_size: tuple[int, int]  # (width, height) of the original frame
     roi: tuple[int, int, int, int]  # (x, y, w, h) actually cropped (the whole frame without an ROI)
     ref: str | None = None  # e.g. the file name for dir:// replay
+    device_time: int | None = None  # from RawFrame: the camera's timestamp (ns) and frame id, when it has them
+    frame_id: int | None = None
     enqueued: float = 0.0  # monotonic, set by FrameQueue.put
     order: int = field(default=0, repr=False)
 
@@ -78,6 +90,9 @@ class FrameQueue:
         self._queues: dict[str, deque[Frame]] = {}
         self._n = 0
         self._order = itertools.count()
+        # called with each frame before it is queued (part deadlines: linewatch.service.deadlines), so the
+        # worker can never take a frame whose part is not yet registered
+        self.on_put: Callable[[Frame], None] | None = None
 
     def __len__(self) -> int:
         with self._cond:
@@ -95,6 +110,8 @@ class FrameQueue:
     def put(self, frame: Frame) -> Frame | None:
         """Queue a frame; returns the frame dropped to make room, if any."""
         dropped = None
+        if self.on_put is not None:
+            self.on_put(frame)
         with self._cond:
             dq = self._queues.setdefault(frame.camera, deque())
             if len(dq) >= self.maxsize:

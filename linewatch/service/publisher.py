@@ -75,16 +75,18 @@ def encode_mask_png(mask: np.ndarray, roi: tuple[int, int, int, int] | None, fra
     return buf.tobytes()
 
 
-def encode_preview_images(image_rgb: np.ndarray, amap: np.ndarray, threshold: float,
-                          max_px: int) -> tuple[bytes, bytes]:
-    """(JPEG of the frame, PNG of the heatmap), both with the longest side ≤ ``max_px`` (never upscaled).
+def encode_preview_images(image_rgb: np.ndarray, amap: np.ndarray, threshold: float, max_px: int,
+                          roi_size: tuple[int, int] | None = None) -> tuple[bytes, bytes]:
+    """(JPEG of the frame, PNG of the heatmap) of the same size: the ROI's aspect ratio (``roi_size`` = (w, h);
+    the model's input squeezes it), the longest side ≤ ``max_px`` and ≤ the model input's (never upscaled).
 
     The heatmap is single-channel uint8: clip(map / (2 × threshold), 0, 1) × 255, so 128 is the image
     threshold (the scale of the archive's overlays); it has the JPEG's size, so the two overlay exactly.
     """
     h, w = image_rgb.shape[:2]
-    scale = min(1.0, max_px / max(h, w))
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # (w, h) for OpenCV
+    rw, rh = roi_size if roi_size is not None and min(roi_size) > 0 else (w, h)
+    side = min(max_px, max(h, w))
+    size = (max(1, round(side * rw / max(rw, rh))), max(1, round(side * rh / max(rw, rh))))  # (w, h) for OpenCV
     img = cv2.resize(image_rgb, size, interpolation=cv2.INTER_AREA) if size != (w, h) else image_rgb
     ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY,
                                                                           PREVIEW_JPEG_QUALITY])
@@ -444,7 +446,8 @@ class Publisher:
     def _send_preview(self, v: Verdict, image: np.ndarray, amap: np.ndarray) -> None:
         """The preview message, just before its verdict; on success the verdict says ``preview_sent``."""
         try:
-            jpeg, png = encode_preview_images(image, amap, v.threshold, self.cfg.preview_max_px)
+            roi = (v.roi[2], v.roi[3]) if v.roi is not None else (v.frame_width, v.frame_height)
+            jpeg, png = encode_preview_images(image, amap, v.threshold, self.cfg.preview_max_px, roi)
             parts = encode_preview(Preview(camera=v.camera, sequence=v.sequence, run_id=v.run_id,
                                            preview_jpeg=jpeg, heatmap_png=png))
             self._send(parts)

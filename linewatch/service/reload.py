@@ -103,6 +103,8 @@ class ModelReloader:
             # safe while another thread runs a model, so inference pauses for it (frames wait in the queue)
             t_pause = time.monotonic()
             with worker.model_lock:
+                if torch.device(det.device).type == "cuda":  # graph engine: capture buckets up to the max batch
+                    det.warm_up((1, worker.max_batch))
                 trial = det.predict(torch.zeros((1, h, w, 3), dtype=torch.uint8))
             paused = round(time.monotonic() - t_pause, 3)
             if tuple(trial.maps.shape) != (1, h, w) or not bool(torch.isfinite(trial.scores).all()):

@@ -7,12 +7,13 @@ It sees the model only through the :class:`linewatch.service.detector.Detector` 
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -20,10 +21,12 @@ import structlog
 import torch
 
 from linewatch.messages import MAX_BOXES, Box, Verdict
+from linewatch.service.deadlines import part_id
 from linewatch.service.frames import Frame, FrameQueue
 from linewatch.service.telemetry.prometheus import Metrics
 
 if TYPE_CHECKING:
+    from linewatch.service.deadlines import DeadlineTracker, Part
     from linewatch.service.detector import Detector
 
 log = structlog.get_logger("linewatch.worker")
@@ -31,7 +34,9 @@ log = structlog.get_logger("linewatch.worker")
 # (verdict, ROI-size mask or None); called with preview=(frame RGB, anomaly map) only when PreviewFn said yes
 PublishFn = Callable[..., None]
 PreviewFn = Callable[[Verdict], bool]  # Publisher.wants_preview: policy, subscribers, rate cap
-Observer = Callable[["Frame", Verdict, np.ndarray], None]  # (frame, verdict, anomaly map at model size)
+# (frame, verdict, anomaly map at model size); the map is None for a pass whose map stayed on the device (no
+# pixel over the pixel threshold: nothing to see in it), never for a fail
+Observer = Callable[["Frame", Verdict, "np.ndarray | None"], None]
 SwapCallback = Callable[[str, "Detector"], None]  # (old model_id, new detector): called on the worker thread
 MAX_CONSECUTIVE_FAILURES = 3  # batches in a row: then the worker reports itself unhealthy (watchdog)
 # CUDA out-of-memory (torch.OutOfMemoryError; torch.cuda.OutOfMemoryError is the same class): the batch is
@@ -107,7 +112,9 @@ class InferenceWorker(threading.Thread):
     def __init__(self, detector: Detector, queue: FrameQueue, publish: PublishFn, metrics: Metrics, *,
                  max_batch: int = 8, max_wait_ms: float = 10.0, masks: str = "fail", run_id: str | None = None,
                  poll_s: float = 0.1, observers: list[Observer] | None = None,
-                 oom_recovery_s: float | None = OOM_RECOVERY_S, preview: PreviewFn | None = None):
+                 oom_recovery_s: float | None = OOM_RECOVERY_S, preview: PreviewFn | None = None,
+                 deadlines: DeadlineTracker | None = None, sampled_observers: list[Observer] | None = None,
+                 sample_every_n: int = 1):
         super().__init__(name="inference", daemon=True)
         self.detector = detector
         self.queue = queue
@@ -122,6 +129,10 @@ class InferenceWorker(threading.Thread):
         # called with every verdict after it is handed to the publisher (health, archive): each must only
         # enqueue, never block; an observer that raises is logged and skipped
         self.observers: list[Observer] = list(observers or [])
+        # called with one verdict in sample_every_n per camera (the drift monitor): fewer per-frame calls
+        self.sampled_observers: list[Observer] = list(sampled_observers or [])
+        self.sample_every_n = max(1, sample_every_n)
+        self._sample_count: dict[str, int] = {}
         cal = detector.calibration
         self.image_threshold = float(cal.image_threshold)
         self.pixel_threshold = float(cal.pixel_threshold)
@@ -154,6 +165,13 @@ class InferenceWorker(threading.Thread):
         # another thread at that moment: a reload prepares the new model under this lock (a short pause).
         self.model_lock = threading.Lock()
         self._pending: tuple[Detector, SwapCallback | None] | None = None
+        self._model_interface(detector)
+        # part-triggered cameras: part ids on verdicts; with deadlines, timeout verdicts and late ones withheld
+        self.deadlines = deadlines
+        if deadlines is not None:
+            deadlines.on_timeout = self._timed_out
+            if deadlines.has_deadlines:
+                queue.on_put = deadlines.register
 
     def stop(self, deadline: float) -> None:
         """Finish the frames already queued (no new ones will come) until ``deadline`` (monotonic)."""
@@ -166,6 +184,15 @@ class InferenceWorker(threading.Thread):
         return self.is_alive() and self.consecutive_failures < MAX_CONSECUTIVE_FAILURES
 
     def run(self) -> None:
+        if self.deadlines is not None:
+            self.deadlines.start()
+        try:
+            self._run()
+        finally:
+            if self.deadlines is not None:
+                self.deadlines.close()  # parts still without a verdict time out now: never silent
+
+    def _run(self) -> None:
         while True:
             self.last_tick = time.monotonic()
             self._apply_swap()  # between batches: a reloaded model takes over here
@@ -203,14 +230,15 @@ class InferenceWorker(threading.Thread):
             for i, f in enumerate(batch):
                 self.metrics.queue_wait.observe(start - f.enqueued)
                 self._stage["queue_wait"].inc(start - f.enqueued)
-                self._buf[i] = f.image
+                if not self._device_preprocess:  # else frames go as they are (ROI resolution) to predict_frames
+                    self._buf[i] = f.image
             self._stage["preprocess"].inc(time.monotonic() - start)
             while handled < n:
                 size = min(self.effective_max_batch, n - handled)
                 t0 = time.monotonic()
                 try:
                     with self.model_lock:
-                        pred = self.detector.predict(self._tbuf[handled:handled + size])
+                        pred = self._predict(batch, handled, size)
                 except OOM_ERRORS as exc:
                     if self._out_of_memory(size, exc):
                         continue  # retry the same frames in smaller chunks
@@ -225,10 +253,8 @@ class InferenceWorker(threading.Thread):
                 self.metrics.inference.observe(t1 - t0)
                 self._stage["forward"].inc(t1 - t0)
                 self.metrics.batch_size.observe(size)
-                maps = pred.maps.numpy()
-                scores = pred.scores.numpy()
-                for j in range(size):
-                    self._verdict(batch[handled], maps[j], float(scores[j]))
+                for amap, score, failed, fetch in self._batch_results(pred, size):
+                    self._verdict(batch[handled], amap, score, failed, fetch)
                     handled += 1
                 self._stage["postprocess"].inc(time.monotonic() - t1)
             if failed == n:
@@ -315,37 +341,123 @@ class InferenceWorker(threading.Thread):
         self.image_threshold = float(cal.image_threshold)
         self.pixel_threshold = float(cal.pixel_threshold)
         self.model_id = str(detector.model_id)
+        self._model_interface(detector)
         if on_swapped is not None:
             try:
                 on_swapped(old, detector)
             except Exception:
                 log.exception("swap_callback_failed")
 
-    def _verdict(self, f: Frame, amap: np.ndarray, score: float) -> None:
+    def _timed_out(self, part: Part) -> None:
+        """The deadline tracker's callback (its timer thread, or this thread from settle): publish a timeout
+        verdict for a part, a fail without a score that a PLC rejects."""
+        v = Verdict(
+            camera=part.camera, sequence=part.sequence, capture_time=part.capture_time, verdict_time=time.time(),
+            verdict="fail", score=float("nan"), threshold=self.image_threshold, pixel_threshold=self.pixel_threshold,
+            p_value=None, model_id=self.model_id, frame_width=part.frame_size[0], frame_height=part.frame_size[1],
+            roi=part.roi, ref=part.ref, run_id=self.run_id, part_id=part.part_id, timed_out=True,
+            frame_id=part.frame_id, device_time=part.device_time,
+        )
+        self.metrics.parts_timed_out.labels(part.camera).inc()
+        log.warning("part_timed_out", camera=part.camera, seq=part.sequence, part_id=part.part_id,
+                    reason=part.reason)
+        self.publish(v, None)
+
+    # -- the model call and its results, batch-wide
+
+    def _model_interface(self, detector: Detector) -> None:
+        """What this detector offers beyond the protocol (a test's fake may have neither)."""
+        try:
+            params = inspect.signature(detector.predict).parameters
+        except (TypeError, ValueError):
+            params = {}  # type: ignore[assignment]
+        # maps left on the device: only those of frames that can show a defect are copied to the host
+        self._host_maps_kw = "host_maps" in params
+        # the device resizes ROI-resolution frames itself (capture skipped its resize)
+        self._device_preprocess = bool(getattr(detector, "device_preprocess", False)) and hasattr(
+            detector, "predict_frames")
+
+    def _predict(self, batch: list[Frame], start: int, size: int) -> Any:
+        if self._device_preprocess:
+            return self.detector.predict_frames([f.image for f in batch[start:start + size]])  # type: ignore[attr-defined]
+        x = self._tbuf[start:start + size]
+        if self._host_maps_kw:
+            return self.detector.predict(x, host_maps=False)  # type: ignore[call-arg]
+        return self.detector.predict(x)
+
+    def _fetch_maps(self, maps: torch.Tensor, idx: np.ndarray) -> np.ndarray:
+        """The maps of frames ``idx`` on the host, in one copy."""
+        return maps[torch.from_numpy(idx).to(maps.device)].float().cpu().numpy()
+
+    def _batch_results(self, pred: Any, size: int) -> list[tuple[np.ndarray | None, float, bool, Any]]:
+        """Per frame (map or None, score, failed, fetch): scores and pass/fail for the whole batch in one op
+        each. Copying the scores to the host also waits for the batch, upload included: the reused input
+        buffer is free again after this. Maps that may be on the device are copied only for frames that
+        fail or have a pixel over the pixel threshold (boxes, masks); the others cannot show anything."""
+        scores = pred.scores.detach().float().cpu().numpy()
+        fails = scores.astype(np.float64) > self.image_threshold  # as Calibration.is_fail, in float64
+        maps_t = pred.maps
+        if not self._host_maps_kw and not self._device_preprocess:
+            maps = maps_t.numpy()  # already on the host (the protocol's default)
+            return [(maps[j], float(scores[j]), bool(fails[j]), None) for j in range(size)]
+        peaks = maps_t.detach().flatten(1).amax(1).float().cpu().numpy().astype(np.float64)
+        idx = np.flatnonzero(fails | (peaks > self.pixel_threshold))
+        host = self._fetch_maps(maps_t, idx) if len(idx) else None
+        row = {int(j): k for k, j in enumerate(idx)}
+        out: list[tuple[np.ndarray | None, float, bool, Any]] = []
+        for j in range(size):
+            k = row.get(j)
+            amap = host[k] if host is not None and k is not None else None
+            fetch = None if amap is not None else (lambda j=j: maps_t[j].float().cpu().numpy())
+            out.append((amap, float(scores[j]), bool(fails[j]), fetch))
+        return out
+
+    def _verdict(self, f: Frame, amap: np.ndarray | None, score: float, failed: bool | None = None,
+                 fetch: Callable[[], np.ndarray] | None = None) -> None:
+        """``amap`` None: the map stayed on the device because nothing in it can show (a pass with no pixel
+        over the pixel threshold); ``fetch`` copies it if a preview asks for it after all."""
         cal = self.detector.calibration
-        failed = bool(cal.is_fail(score))
+        failed = bool(cal.is_fail(score)) if failed is None else failed
         verdict = "fail" if failed else "pass"
         want_mask = self.masks == "all" or (self.masks == "fail" and failed)
-        defects = find_defects(amap, self.pixel_threshold, f.roi, want_mask=want_mask, failed=failed)
+        if amap is not None:
+            defects = find_defects(amap, self.pixel_threshold, f.roi, want_mask=want_mask, failed=failed)
+        else:  # what find_defects returns for a map with no pixel over the threshold
+            defects = Defects(mask=np.zeros((f.roi[3], f.roi[2]), np.uint8) if want_mask else None)
         now_mono = time.monotonic()
         v = Verdict(
             camera=f.camera, sequence=f.sequence, capture_time=f.capture_time, verdict_time=time.time(),
             verdict=verdict, score=score, threshold=self.image_threshold, pixel_threshold=self.pixel_threshold,
             p_value=cal.p_value(score), model_id=self.model_id, frame_width=f.frame_size[0],
             frame_height=f.frame_size[1], boxes=defects.boxes, n_regions=defects.n_regions,
-            defect_area=defects.area, roi=f.roi, ref=f.ref, run_id=self.run_id,
+            defect_area=defects.area, roi=f.roi, ref=f.ref, run_id=self.run_id, frame_id=f.frame_id,
+            device_time=f.device_time,
         )
+        late = False
+        if self.deadlines is not None and self.deadlines.triggered(f.camera):
+            v.part_id = part_id(f)
+            late = not self.deadlines.settle(f)  # past the deadline: the timeout verdict stands
         self.metrics.verdicts.labels(f.camera, verdict).inc()
         self.metrics.latency.labels(f.camera).observe(max(0.0, now_mono - f.capture_mono))
         if self.image_threshold > 0:
             self.metrics.score_ratio.labels(f.camera).observe(score / self.image_threshold)
         self.frames_done += 1
-        if self.preview is not None and self.preview(v):
+        if late:
+            self.metrics.parts_late.labels(f.camera).inc()
+            log.warning("late_verdict_withheld", camera=f.camera, seq=f.sequence, part_id=v.part_id,
+                        verdict=verdict, latency_s=round(now_mono - f.capture_mono, 3))
+        elif self.preview is not None and self.preview(v):
             # a copy of the map: a view would keep the whole batch's maps alive until the publisher encodes it
-            self.publish(v, defects.mask, preview=(f.image, amap.copy()))
+            self.publish(v, defects.mask, preview=(f.image, amap.copy() if amap is not None else fetch()))
         else:
             self.publish(v, defects.mask)
-        for observe in self.observers:
+        observers = self.observers
+        if self.sampled_observers:
+            n = self._sample_count.get(f.camera, 0)
+            self._sample_count[f.camera] = n + 1
+            if n % self.sample_every_n == 0:
+                observers = observers + self.sampled_observers
+        for observe in observers:
             try:
                 observe(f, v, amap)
             except Exception as exc:

@@ -8,6 +8,8 @@ and the guarantee is the weaker 1/(n+1); we say so.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import os
 import time
@@ -16,12 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import structlog
+import torch
 
 from linewatch.errors import DataError
-from linewatch.imaging.images import ImageSet, grey, list_images, load_images, sharpness
+from linewatch.imaging.images import ImageSet, grey, list_images, load_images, read_image, sharpness
 from linewatch.model.bundle import BundleMeta, Calibration, load_bundle, save_bundle
 from linewatch.model.detector import Detector, load_detector, resolve_device
+from linewatch.model.scoring import ScoreSpec, position_stats
 from linewatch.model.stfpm import IMAGENET_MEAN, IMAGENET_STD, STFPM, default_blur_sigma
+from linewatch.model.tiling import TileSpec, extract_tiles
 from linewatch.model.weights import load_teacher
 from linewatch.station.training import TrainConfig, TrainResult, split_indices, train_students
 
@@ -82,10 +87,52 @@ def fit_calibration(scores: np.ndarray, maps: np.ndarray, alpha: float, pixel_al
     return cal, ct
 
 
+PIXEL_BUDGET = 256 * 256  # model input pixels for ``input_size="auto"``
+SQUARE_TOLERANCE = 1.05  # aspect ratios closer to 1 than this count as square (256×256)
+
+
+def auto_input_size(frame_hw: tuple[int, int], budget: int = PIXEL_BUDGET, multiple: int = 16
+                    ) -> tuple[int, int]:
+    """(h, w) with the frame's aspect ratio and about ``budget`` pixels, both multiples of ``multiple``.
+    Square(ish) frames get the square size (256×256 for the default budget)."""
+    fh, fw = frame_hw
+    if fh <= 0 or fw <= 0:
+        raise ValueError(f"frame size {fw}x{fh} is not positive")
+    aspect = fw / fh
+    if max(aspect, 1 / aspect) < SQUARE_TOLERANCE:
+        aspect = 1.0
+    h = math.sqrt(budget / aspect)
+    w = h * aspect
+
+    def snap(v: float) -> int:
+        return int(min(4096, max(2 * multiple, multiple * round(v / multiple))))
+
+    return snap(h), snap(w)
+
+
+def frame_size_of(dir_: str | os.PathLike, sample: int = 8) -> tuple[int, int]:
+    """(h, w) most common among the first ``sample`` decodable images of a folder."""
+    sizes: dict[tuple[int, int], int] = {}
+    for p in list_images(dir_)[:sample]:
+        img = read_image(p)
+        if img is not None:
+            sizes[img.shape[:2]] = sizes.get(img.shape[:2], 0) + 1
+    if not sizes:
+        raise DataError(f"none of the first {sample} images in {dir_} could be decoded")
+    return max(sizes, key=lambda k: sizes[k])
+
+
 @dataclass
 class CalibrateOptions:
     backbone: str = "mobilenet_v2"
-    input_size: tuple[int, int] = (256, 256)
+    # (h, w), or "auto": the images' aspect under PIXEL_BUDGET (square images: 256×256). With ``tile``, the
+    # frame size tiles are cut from ("auto": the images' own size, i.e. native resolution).
+    input_size: tuple[int, int] | str = "auto"
+    tile: tuple[int, int] | None = None  # (h, w) tiles = model input; None: whole frames resized
+    tile_overlap: int = 32
+    # top 1 % mean: won or tied image AUROC on every set of docs/accuracy-study.md (PRO unchanged: same map)
+    score: ScoreSpec = field(default_factory=lambda: ScoreSpec(reduce="topk", topk=0.01))
+    blur_sigma: float | None = None  # None: default_blur_sigma(model input size)
     n_students: int = 1
     val_fraction: float = 0.1
     cal_fraction: float = 0.2
@@ -96,6 +143,9 @@ class CalibrateOptions:
     train: TrainConfig = field(default_factory=TrainConfig)
     max_images: int | None = None  # use only the first N (sorted) images: for quick tests
     progress: bool = True
+    # how the images were framed, from the folder's framing.json (linewatch record); None: measured from the images
+    framing: dict | None = None
+    report: bool = True  # write <out>.report.html (linewatch.station.report)
 
 
 @dataclass
@@ -110,6 +160,7 @@ class CalibrateReport:
     conformal: ConformalThreshold
     seconds: float
     defect_metrics: dict[str, float] | None = None
+    report_path: Path | None = None
 
 
 def _load(dir_: str | os.PathLike, size: tuple[int, int], max_images: int | None, progress: bool) -> ImageSet:
@@ -122,6 +173,16 @@ def _load(dir_: str | os.PathLike, size: tuple[int, int], max_images: int | None
     if len(data.paths) == 0:
         raise DataError(f"none of the {len(paths)} images in {dir_} could be decoded")
     return data
+
+
+def resolve_frame_size(normal_dir: str | os.PathLike, opts: CalibrateOptions) -> tuple[int, int]:
+    """(h, w) images are loaded at: the model input without tiling, the frame tiles are cut from with it."""
+    if opts.input_size != "auto":
+        if isinstance(opts.input_size, str):
+            raise DataError(f"input size {opts.input_size!r} is not a size or auto")
+        return int(opts.input_size[0]), int(opts.input_size[1])
+    native = frame_size_of(normal_dir)
+    return native if opts.tile is not None else auto_input_size(native, PIXEL_BUDGET)
 
 
 def defect_report(detector: Detector, defect_dir: str | os.PathLike, progress: bool) -> dict[str, float]:
@@ -140,27 +201,99 @@ def defect_report(detector: Detector, defect_dir: str | os.PathLike, progress: b
             "skipped": float(len(data.skipped))}
 
 
+def calibration_framing(data: ImageSet, opts: CalibrateOptions, input_size: tuple[int, int], tiled: bool,
+                        sample: int = 8) -> dict:
+    """What the bundle records about how its images were framed (compared with each camera by the daemon):
+    from the folder's framing.json when it was recorded with ``linewatch record``, else measured on the images
+    (their sizes, on a sample; no ROI known)."""
+    from linewatch.model.bundle import framing_region
+    from linewatch.service.observers.sanity import image_colour
+
+    rec = opts.framing or {}
+    if rec:
+        framing = {"roi": rec.get("roi"), "source_sizes": rec.get("source_sizes") or [],
+                   "colour": rec.get("colour"), "camera": rec.get("camera"), "recorded": True}
+    else:
+        sizes: list[list[int]] = []
+        for p in data.paths[:sample]:
+            img = read_image(p)
+            if img is not None and [img.shape[1], img.shape[0]] not in sizes:
+                sizes.append([img.shape[1], img.shape[0]])
+        colours = {image_colour(im) for im in data.images[:sample]}
+        framing = {"roi": None, "source_sizes": sizes, "colour": "mono" if colours == {"mono"} else "rgb",
+                   "camera": None, "recorded": False}
+    region = framing_region(framing)
+    if tiled:
+        policy = "tile"
+    elif region is None:
+        policy = "stretch"
+    else:  # the model input keeps the region's aspect (auto / a matching size), or squashes it
+        same = abs(input_size[1] / input_size[0] - region[0] / region[1]) <= 0.03 * region[0] / region[1]
+        policy = "keep" if same else "stretch"
+    framing["aspect_policy"] = policy
+    framing["input_size"] = [int(input_size[1]), int(input_size[0])]  # w, h like the other sizes here
+    return framing
+
+
+def _write_report(out: str | os.PathLike, meta: BundleMeta, scores: np.ndarray, maps: np.ndarray,
+                  images: np.ndarray, names: list[str], history: list[dict[str, float]],
+                  summary: dict[str, str]) -> Path | None:
+    """The one-page calibration report beside the bundle; a failure to write it is logged, not fatal."""
+    from linewatch.model.bundle import describe_framing
+    from linewatch.station.report import ReportInputs, report_path_for, write_report
+
+    cal = meta.calibration
+    assert cal is not None
+    if meta.framing:
+        summary = {**summary, "framing": describe_framing(meta.framing)
+                   + f", aspect policy {meta.framing.get('aspect_policy')}"}
+    try:
+        return write_report(report_path_for(out), ReportInputs(
+            model=str(out), image_threshold=cal.image_threshold, pixel_threshold=cal.pixel_threshold,
+            alpha=cal.alpha, false_reject_bound=cal.false_reject_bound, scores=scores, names=names, images=images,
+            maps=maps, history=history, summary=summary))
+    except OSError as exc:
+        log.warning("report_not_written", error=str(exc))
+        return None
+
+
 def calibrate_station(normal_dir: str | os.PathLike, out: str | os.PathLike, opts: CalibrateOptions,
                       defect_dir: str | os.PathLike | None = None) -> CalibrateReport:
     """Train a new model on ``normal_dir`` and write a calibrated bundle to ``out``."""
     start = time.monotonic()
     device = resolve_device(opts.device)
     teacher, digest = load_teacher(opts.backbone, opts.teacher_weights)
-    data = _load(normal_dir, opts.input_size, opts.max_images, opts.progress)
+    frame_size = resolve_frame_size(normal_dir, opts)
+    tiling = None
+    if opts.tile is not None:
+        try:
+            tiling = TileSpec(frame=frame_size, tile=tuple(opts.tile), overlap=opts.tile_overlap)
+        except ValueError as exc:
+            raise DataError(f"cannot tile {normal_dir}: {exc}") from None
+    model_size = tiling.tile if tiling is not None else frame_size
+    data = _load(normal_dir, frame_size, opts.max_images, opts.progress)
     n = len(data.paths)
     train_idx, val_idx, cal_idx = split_indices(n, opts.val_fraction, opts.cal_fraction, opts.train.seed)
     if len(cal_idx) == 0:
         raise DataError(f"only {n} usable images in {normal_dir}: too few to hold out a calibration split")
+    if opts.score.normalise == "position" and len(val_idx) < 2:
+        raise DataError(f"per-position score normalisation needs ≥ 2 validation images, {normal_dir} gives "
+                        f"{len(val_idx)}; raise --val-fraction or use more images")
     log.info("calibrate_split", n_images=n, n_train=len(train_idx), n_val=len(val_idx), n_cal=len(cal_idx),
-             skipped=len(data.skipped))
-    blur = default_blur_sigma(opts.input_size)
-    model = STFPM(opts.backbone, teacher=teacher, n_students=opts.n_students, input_size=opts.input_size,
-                  mean=IMAGENET_MEAN, std=IMAGENET_STD, blur_sigma=blur)
-    result = train_students(model, data.images[train_idx], data.images[val_idx], opts.train, device,
-                            progress=opts.progress)
+             skipped=len(data.skipped), input_size=list(model_size), tiles_per_frame=tiling.n_tiles if tiling else 0)
+    blur = opts.blur_sigma if opts.blur_sigma is not None else default_blur_sigma(model_size)
+    model = STFPM(opts.backbone, teacher=teacher, n_students=opts.n_students, input_size=model_size,
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD, blur_sigma=blur, score=opts.score)
+    train_images, val_images = data.images[train_idx], data.images[val_idx]
+    if tiling is not None:  # the student learns tiles; validation and calibration images stay whole frames
+        train_images = extract_tiles(torch.from_numpy(train_images), tiling).numpy()
+        val_images = extract_tiles(torch.from_numpy(val_images), tiling).numpy()
+    result = train_students(model, train_images, val_images, opts.train, device, progress=opts.progress)
+    del train_images
     meta = BundleMeta(
-        backbone=opts.backbone, teacher_sha256=digest, input_size=opts.input_size, mean=IMAGENET_MEAN,
+        backbone=opts.backbone, teacher_sha256=digest, input_size=model_size, mean=IMAGENET_MEAN,
         std=IMAGENET_STD, n_students=opts.n_students, blur_sigma=blur,
+        score=opts.score.to_dict(), tiling=tiling.to_dict() if tiling is not None else None,
         training={
             "normal_dir": str(Path(normal_dir).resolve()), "n_train": int(len(train_idx)),
             "n_val": int(len(val_idx)), "n_cal": int(len(cal_idx)), "epochs_run": result.epochs_run,
@@ -170,14 +303,33 @@ def calibrate_station(normal_dir: str | os.PathLike, out: str | os.PathLike, opt
             "device": str(device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
+    scorer_state: dict[str, torch.Tensor] = {}
+    if opts.score.normalise == "position":
+        # statistics from the validation images: held out from training (their maps look like new good
+        # parts') and disjoint from the calibration split, so the conformal guarantee still holds
+        plain = copy.deepcopy(meta)
+        plain.score = dataclasses.replace(opts.score, normalise="none").to_dict()
+        model.scorer.spec = ScoreSpec.from_dict(plain.score)
+        val_maps = Detector(model, plain, model_id="unsaved", device=device).predict_many(data.images[val_idx]).maps
+        model.scorer.spec = opts.score
+        mean, std = position_stats(val_maps)
+        model.scorer.set_position_stats(mean, std)
+        scorer_state = {"pos_mean": mean, "pos_std": std}
     detector = Detector(model, meta, model_id="unsaved", device=device)
     pred = detector.predict_many(data.images[cal_idx])
     cal, ct = fit_calibration(pred.scores.numpy(), pred.maps.numpy(), opts.alpha, opts.pixel_alpha,
                               data.images[cal_idx])
     meta.calibration = cal
-    save_bundle(out, model.students.state_dict(), meta)
+    meta.framing = calibration_framing(data, opts, meta.input_size, tiling is not None)
+    save_bundle(out, model.students.state_dict(), meta, scorer_state=scorer_state)
     report = CalibrateReport(n, len(train_idx), len(val_idx), len(cal_idx), data.skipped, result, cal, ct,
                              time.monotonic() - start)
+    if opts.report:
+        report.report_path = _write_report(out, meta, pred.scores.numpy(), pred.maps.numpy(), data.images[cal_idx],
+                                           [data.paths[i].name for i in cal_idx], result.history,
+                                           {"images (train / validation / calibration)":
+                                            f"{len(train_idx)} / {len(val_idx)} / {len(cal_idx)}",
+                                            "best epoch": f"{result.best_epoch} of {result.epochs_run}"})
     if defect_dir is not None:
         report.defect_metrics = defect_report(load_detector(out, device), defect_dir, opts.progress)
     return report
@@ -198,7 +350,7 @@ def recalibrate_thresholds(model_path: str | os.PathLike, normal_dir: str | os.P
     bundle.meta.training["recalibrated"] = {"normal_dir": str(Path(normal_dir).resolve()), "n_cal": len(data.paths),
                                             "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     target = out or model_path
-    save_bundle(target, bundle.students_state, bundle.meta)
+    save_bundle(target, bundle.students_state, bundle.meta, scorer_state=bundle.scorer_state)
     n = len(data.paths)
     report = CalibrateReport(n, 0, 0, n, data.skipped, None, cal, ct, time.monotonic() - start)
     if defect_dir is not None:

@@ -1,4 +1,6 @@
-"""Student training: SGD on the pyramid-matching loss, best checkpoint by validation loss.
+"""Student training: SGD on the pyramid-matching loss; the checkpoint kept is the one with the lowest
+validation loss (``select="val_loss"``) or the one whose scores best separate synthetic anomalies pasted
+into the validation images from the clean ones (``select="synthetic"``, see :mod:`.synthetic`).
 
 The images are decoded and resized once (uint8 in memory): re-decoding 900×900 PNGs every epoch
 would cost more than the forward pass.
@@ -9,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +32,7 @@ class TrainConfig:
     schedule: str = "cosine"  # "cosine" (to 0 over max_epochs) or "constant" (the paper)
     seed: int = 0
     flip_augment: bool = False
+    select: str = "val_loss"  # checkpoint: "val_loss" (lowest) or "synthetic" (best synthetic-anomaly AUROC)
 
 
 @dataclass
@@ -56,6 +60,61 @@ def split_indices(n: int, val_fraction: float, cal_fraction: float, seed: int = 
     return train, val, cal
 
 
+SELECTIONS = ("val_loss", "synthetic")
+AUROC_TIE = 1e-6  # synthetic AUROCs closer than this are a tie (broken by validation loss)
+
+
+def is_better(epoch: dict[str, float], best: dict[str, float] | None, select: str, min_delta: float = 0.0) -> bool:
+    """Does ``epoch`` (a history row: ``val_loss``, and ``synthetic_auroc`` when select is synthetic) beat
+    ``best``? val_loss: lower by more than ``min_delta`` (relative). synthetic: higher AUROC; equal AUROC
+    (within AUROC_TIE): the lower validation loss."""
+    if select not in SELECTIONS:
+        raise ValueError(f"checkpoint selection {select!r} is not one of {', '.join(SELECTIONS)}")
+    if best is None:
+        return True
+    if select == "val_loss":
+        return epoch["val_loss"] < best["val_loss"] * (1 - min_delta)
+    a, b = epoch["synthetic_auroc"], best["synthetic_auroc"]
+    if math.isnan(b) and not math.isnan(a):
+        return True
+    if a > b + AUROC_TIE:
+        return True
+    return abs(a - b) <= AUROC_TIE and epoch["val_loss"] < best["val_loss"]
+
+
+def select_checkpoint(history: list[dict[str, float]], select: str, min_delta: float = 0.0) -> int:
+    """The epoch (its ``epoch`` field) that ``is_better`` keeps, going through ``history`` in order."""
+    best = None
+    for row in history:
+        if is_better(row, best, select, min_delta):
+            best = row
+    if best is None:
+        raise ValueError("no epochs to choose from")
+    return int(best["epoch"])
+
+
+def image_scores(model: STFPM, images: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
+    """Image scores with the model's blur and reduction but no per-position normalisation (whose statistics
+    come after training)."""
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for b in _batches(len(images), batch_size, None):
+            maps = model.scorer.blur(model.raw_maps(torch.from_numpy(images[b]).to(device)))
+            out.append(model.scorer.reduce(maps).float().cpu().numpy())
+    return np.concatenate(out) if out else np.empty(0, np.float32)
+
+
+def synthetic_auroc(model: STFPM, clean: np.ndarray, anomalous: np.ndarray, batch_size: int,
+                    device: torch.device) -> float:
+    """AUROC of the model's scores, anomalous copies against the clean images."""
+    from linewatch.station.accuracy import image_auroc
+
+    s0 = image_scores(model, clean, batch_size, device)
+    s1 = image_scores(model, anomalous, batch_size, device)
+    return image_auroc(np.r_[np.zeros(len(s0)), np.ones(len(s1))], np.r_[s0, s1])
+
+
 def _batches(n: int, batch_size: int, rng: np.random.Generator | None):
     idx = rng.permutation(n) if rng is not None else np.arange(n)
     for i in range(0, n, batch_size):
@@ -80,6 +139,7 @@ def train_students(
     cfg: TrainConfig,
     device: torch.device,
     progress: bool = True,
+    on_epoch: Callable[[int, STFPM], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train in place; on return the model holds the weights of the best validation epoch."""
     torch.manual_seed(cfg.seed)
@@ -95,7 +155,15 @@ def train_students(
     else:
         raise ValueError(f"unknown schedule {cfg.schedule!r}")
     have_val = len(val_images) > 0
+    select = cfg.select if have_val else "val_loss"
+    is_better({"val_loss": 0.0}, None, select)  # an unknown selection fails here, before any training
+    anomalous = None
+    if select == "synthetic":
+        from linewatch.station.synthetic import make_anomalies
+
+        anomalous = make_anomalies(val_images, seed=cfg.seed)[0]
     best = (math.inf, 0, copy.deepcopy(model.students.state_dict()))
+    best_row: dict[str, float] | None = None
     history: list[dict[str, float]] = []
     since_best = 0
     stopped_early = False
@@ -124,8 +192,14 @@ def train_students(
             seen += len(b)
         train_loss = run_loss / max(seen, 1)
         val_loss = evaluate_loss(model, val_images, cfg.batch_size, device) if have_val else train_loss
-        history.append({"epoch": epoch, "loss": train_loss, "val_loss": val_loss})
-        if val_loss < best[0] * (1 - cfg.min_delta):
+        row = {"epoch": epoch, "loss": train_loss, "val_loss": val_loss}
+        if anomalous is not None:
+            row["synthetic_auroc"] = synthetic_auroc(model, val_images, anomalous, cfg.batch_size, device)
+        if on_epoch is not None:  # extra per-epoch measurements (studies); they never choose the checkpoint
+            row.update(on_epoch(epoch, model))
+        history.append(row)
+        if is_better(row, best_row, select, cfg.min_delta):
+            best_row = row
             best = (val_loss, epoch, copy.deepcopy(model.students.state_dict()))
             since_best = 0
         else:

@@ -31,8 +31,8 @@ def test_bench_short_runs_and_its_json_has_every_field(tmp_path):
     assert "linewatch-raw / bare" in proc.stdout and "where a frame's time goes" in proc.stdout
 
     res = json.loads(out.read_text())
-    for key in ("model", "threads", "cameras", "batch", "batch_sweep", "images", "rounds", "duration_s", "modes",
-                "ratios", "latency", "rss_mb", "targets", "load_average"):
+    for key in ("model", "device", "threads", "cameras", "batch", "batch_sweep", "images", "rounds", "duration_s",
+                "modes", "ratios", "latency", "rss_mb", "targets", "load_average"):
         assert key in res, key
     assert set(res["modes"]) == {"bare", "naive", "linewatch-raw", "linewatch-files", "linewatch-raw-paced",
                                  "bare[reference]"}
@@ -44,8 +44,12 @@ def test_bench_short_runs_and_its_json_has_every_field(tmp_path):
         assert set(mode["latency_ms"]) == {"p50", "p95", "p99", "n"} and mode["latency_ms"]["n"] > 0
         assert set(mode["profile_ms"]) == STAGES
         assert mode["cpu_ms"]["inference"] > 0 and mode["rss_mb_end"] > 0
-    assert set(res["ratios"]) == {"raw_over_bare", "files_over_naive", "cpu_raw_over_bare", "cpu_files_over_naive"}
-    assert all(isinstance(v, float) for v in res["ratios"].values())
+    assert set(res["ratios"]) == {"raw_over_bare", "files_over_naive", "cpu_raw_over_bare", "cpu_files_over_naive",
+                                  "jpeg_over_bare", "graph_over_eager"}
+    assert all(isinstance(res["ratios"][k], float) for k in ("raw_over_bare", "files_over_naive", "cpu_raw_over_bare",
+                                                             "cpu_files_over_naive"))
+    assert res["ratios"]["jpeg_over_bare"] is None and res["ratios"]["graph_over_eager"] is None  # not run here
+    assert res["device"]["type"] == "cpu"
     assert set(res["latency"]) == {"bare_batch_ms", "raw_p50_ms", "raw_p95_ms", "raw_p99_ms", "p99_over_bare_batch",
                                    "paced_load", "paced_p50_ms", "paced_p95_ms", "paced_p99_ms",
                                    "paced_p99_over_bare_batch"}
@@ -60,3 +64,43 @@ def test_bench_refuses_a_missing_images_folder(tmp_path):
         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_bench_jpeg_mode_runs_on_the_cpu_with_two_cameras(tmp_path):
+    images = tmp_path / "images"
+    write_images(images / "good", 4, size=(96, 128), seed=1)
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "linewatch.cli", "bench", "--short", "--input-size", "64", "--images", str(images),
+         "--json", str(out), "--quiet", "--modes", "bare,linewatch-jpeg", "--cameras", "2", "--latency-load", "0"],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "linewatch-jpeg / bare" in proc.stdout
+    res = json.loads(out.read_text())
+    assert set(res["modes"]) == {"bare", "linewatch-jpeg"} and res["cameras"] == 2
+    jpeg = res["modes"]["linewatch-jpeg"]
+    assert MODE_FIELDS <= set(jpeg) and jpeg["images_per_s"] > 0
+    assert set(jpeg["latency_ms"]) == {"p50", "p95", "p99", "n"} and jpeg["latency_ms"]["n"] > 0
+    assert set(jpeg["profile_ms"]) >= {"read", "forward", "publish"} and jpeg["cpu_ms"]["inference"] > 0
+    assert isinstance(res["ratios"]["jpeg_over_bare"], float)
+
+
+def test_bench_refuses_an_unknown_mode_and_cuda_without_a_gpu_in_one_line(tmp_path):
+    import torch
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "linewatch.cli", "bench", "--short", "--modes", "bare,warp"],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "linewatch-jpeg" in proc.stderr and "Traceback" not in proc.stderr
+    if torch.cuda.is_available():
+        return
+    proc = subprocess.run(
+        [sys.executable, "-m", "linewatch.cli", "bench", "--short", "--device", "cuda"],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120,
+    )
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and "no CUDA GPU is visible" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1, err

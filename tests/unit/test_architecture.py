@@ -28,7 +28,7 @@ ONLY = {
 }
 FORBIDDEN = {
     "service": {"station"},  # the daemon never depends on training or evaluation code
-    "model": {"service", "station", "imaging"},  # pure torch: no cameras, no config
+    "model": {"service", "station"},  # pure torch: no cameras, no config (ground helpers such as imaging are fine)
 }
 
 

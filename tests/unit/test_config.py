@@ -39,7 +39,7 @@ def write(tmp_path: Path, data) -> Path:
 
 def test_example_config_is_valid_and_complete():
     cfg = load_config(EXAMPLE)
-    assert [c.name for c in cfg.cameras] == ["line1", "replay"]
+    assert [c.name for c in cfg.cameras] == ["line1", "replay", "gige1"]
     assert cfg.metrics.host == "127.0.0.1"
     assert cfg.publisher.masks == "fail"
     # every key of every section is spelled out in the example (it documents them all)
@@ -61,7 +61,7 @@ def test_defaults_are_safe():
 
 
 @pytest.mark.parametrize("data, needle", [
-    (minimal(batchin={}), "batchin: unknown key (allowed: model, device, batching, cameras,"),
+    (minimal(batchin={}), "batchin: unknown key (allowed: model, device, batching, capture, cameras,"),
     (minimal(batching={"max_bach": 4}), "batching.max_bach: unknown key (allowed: max_batch,"),
     ({"model": {"bundle": "m"}, "cameras": [{"name": "a", "source": "0", "fsp": 5}]},
      "cameras[0].fsp: unknown key (allowed: name, source, roi, fps,"),

@@ -249,6 +249,11 @@ def test_preview_images_share_a_size_and_the_heatmap_scale_puts_the_threshold_mi
     assert heat[:30].min() == 255 and heat[-30:].max() == 0 and abs(int(heat[64].mean()) - 128) <= 1
     small, _ = encode_preview_images(img[:64, :48], amap[:64, :48], 0.5, max_px=320)  # never upscaled
     assert cv2.imdecode(np.frombuffer(small, np.uint8), cv2.IMREAD_COLOR).shape == (64, 48, 3)
+    # a 1280×960 ROI squeezed into a square model input is shown in its own proportions again
+    square = np.zeros((256, 256, 3), np.uint8)
+    jpeg, png = encode_preview_images(square, np.zeros((256, 256), np.float32), 0.5, 320, roi_size=(1280, 960))
+    assert cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).shape == (192, 256, 3)
+    assert cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED).shape == (192, 256)
 
 
 def preview_subscriber(pub: Publisher, endpoint: str, **kw) -> Subscriber:

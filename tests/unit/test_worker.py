@@ -6,6 +6,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -223,3 +224,141 @@ def test_streamed_verdicts_equal_offline_predictions(untrained_bundle, bottle):
             assert v.verdict == ("fail" if s > cal.image_threshold else "pass")
         assert v.p_value == pytest.approx(cal.p_value(v.score))
         assert mask.shape == (900, 900)
+
+
+# --------------------------------------------------------------------------- batch-level results
+
+
+class DeviceMapsDetector(FakeDetector):
+    """Offers ``predict(..., host_maps=False)``: maps "stay on the device" (here: the CPU), so the worker must
+    pick which ones to copy."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.host_maps_args: list[bool] = []
+
+    def predict(self, batch: torch.Tensor, *, host_maps: bool = True) -> Prediction:
+        self.host_maps_args.append(host_maps)
+        return super().predict(batch)
+
+
+def mixed_frames() -> list[Frame]:
+    """Per camera: fail (bright block), pass with a dim spot over the pixel threshold (boxes on a pass), plain
+    pass, in turn."""
+    out = []
+    for cam in ("a", "b"):
+        for s in range(9):
+            img = np.zeros((H, W, 3), np.uint8)
+            if s % 3 == 0:
+                img[4:8, 6:12] = 255  # score 1.0 > 0.5: fail
+            elif s % 3 == 1:
+                img[2:4, 2:4] = 115  # 0.45: a pass, but over the pixel threshold 0.4
+            out.append(Frame(cam, s, time.time(), time.monotonic(), img, (64, 48), (0, 0, 64, 48),
+                             ref=f"{s:03d}.png"))
+    return out
+
+
+def strip(v):
+    d = v.to_dict() if hasattr(v, "to_dict") else dict(vars(v))
+    for k in ("verdict_time", "capture_time"):  # differ between the two runs by construction
+        d.pop(k, None)
+    return d
+
+
+@pytest.mark.parametrize("masks", ["fail", "all", "none"])
+def test_maps_are_copied_only_for_frames_that_can_show_a_defect_and_verdicts_stay_identical(masks, monkeypatch):
+    legacy, _, _ = run_worker(mixed_frames(), masks=masks)
+    fetched: list[int] = []
+    original = InferenceWorker._fetch_maps
+
+    def spy(self, maps, idx):
+        fetched.extend(int(i) for i in idx)
+        return original(self, maps, idx)
+
+    monkeypatch.setattr(InferenceWorker, "_fetch_maps", spy)
+    det = DeviceMapsDetector()
+    items, _, _ = run_worker(mixed_frames(), det, max_batch=6, masks=masks)
+    assert det.host_maps_args and not any(det.host_maps_args)  # asked to leave the maps on the device
+    # batches of 6 = two cycles of (fail, over-threshold pass, plain pass): indices 0,1,3,4 of each
+    assert sorted(fetched) == sorted([0, 1, 3, 4] * 3)
+    assert len(items) == len(legacy) == 18
+    by_key = {(v.camera, v.sequence): (v, m) for v, m in legacy}
+    for v, mask in items:
+        lv, lmask = by_key[(v.camera, v.sequence)]
+        assert strip(v) == strip(lv)
+        assert (mask is None) == (lmask is None)
+        if mask is not None:
+            assert np.array_equal(mask, lmask)
+    plain = [v for v, _ in items if v.sequence % 3 == 2]
+    assert all(v.verdict == "pass" and not v.boxes for v in plain)
+    assert any(v.boxes for v, _ in items if v.sequence % 3 == 1)  # the pass with a spot kept its boxes
+
+
+def test_a_preview_of_a_frame_whose_map_stayed_on_the_device_fetches_it():
+    det = DeviceMapsDetector()
+    m, q = Metrics(), FrameQueue(100)
+    previews = []
+
+    def publish(v, mask, preview=None):
+        if preview is not None:
+            previews.append((v.sequence, preview[1]))
+
+    for f in mixed_frames()[:3]:
+        q.put(f)
+    w = InferenceWorker(det, q, publish, m, max_batch=3, max_wait_ms=1, preview=lambda v: True)
+    w.stop(time.monotonic() + 10)
+    w.start()
+    w.join(30)
+    assert [s for s, _ in previews] == [0, 1, 2]
+    assert all(p.shape == (H, W) for _, p in previews)
+    assert previews[2][1].max() == 0  # the plain pass: its (dark) map, fetched on demand
+
+
+def test_sampled_observers_see_one_verdict_in_n_per_camera_others_every_one():
+    every, sampled = [], []
+    m, sink = Metrics(), Sink()
+    q = FrameQueue(100, m)
+    for f in mixed_frames():
+        q.put(f)
+    w = InferenceWorker(FakeDetector(), q, sink, m, max_batch=4, max_wait_ms=1,
+                        observers=[lambda f, v, a: every.append((f.camera, f.sequence))],
+                        sampled_observers=[lambda f, v, a: sampled.append((f.camera, f.sequence))], sample_every_n=4)
+    w.stop(time.monotonic() + 10)
+    w.start()
+    w.join(30)
+    assert len(every) == 18
+    assert sorted(sampled) == [(c, s) for c in ("a", "b") for s in (0, 4, 8)]
+
+
+class DevicePreprocessDetector(FakeDetector):
+    """Reports ``device_preprocess``: takes frames at ROI resolution through ``predict_frames`` (as on CUDA)."""
+
+    device_preprocess = True
+
+    def __init__(self):
+        super().__init__()
+        self.frame_shapes: list[tuple[int, ...]] = []
+
+    def predict(self, batch):  # pragma: no cover - must not be called
+        raise AssertionError("predict() called although the device preprocesses")
+
+    def predict_frames(self, frames):
+        self.frame_shapes.extend(tuple(f.shape) for f in frames)
+        resized = torch.stack([torch.from_numpy(cv2.resize(f, (W, H), interpolation=cv2.INTER_AREA))
+                               for f in frames])
+        return FakeDetector.predict(self, resized)
+
+
+def test_a_device_that_preprocesses_gets_roi_resolution_frames():
+    frames = []
+    for s, shape in enumerate([(48, 64), (30, 40), (48, 64)]):
+        img = np.zeros((*shape, 3), np.uint8)
+        if s == 1:
+            img[10:20, 10:20] = 255
+        frames.append(Frame("a", s, time.time(), time.monotonic(), img, (shape[1], shape[0]),
+                            (0, 0, shape[1], shape[0])))
+    det = DevicePreprocessDetector()
+    items, _, _ = run_worker(frames, det, max_batch=3)
+    assert det.frame_shapes == [(48, 64, 3), (30, 40, 3), (48, 64, 3)]  # sizes differ per frame: no resize here
+    assert [(v.sequence, v.verdict) for v, _ in items] == [(0, "pass"), (1, "fail"), (2, "pass")]
+    assert items[1][1].shape == (30, 40)  # the mask at the frame's ROI size

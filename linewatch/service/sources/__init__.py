@@ -2,7 +2,11 @@
 
 - :mod:`.files`: ``dir://PATH``, a folder of images replayed in name order;
 - :mod:`.opencv`: V4L2 (``/dev/videoN``, ``v4l2://N``), ``rtsp://`` and video files, through OpenCV;
-- :mod:`.mjpeg`: ``http(s)://`` Motion-JPEG streams and snapshot URLs, with a reader of our own.
+- :mod:`.mjpeg`: ``http(s)://`` Motion-JPEG streams and snapshot URLs, with a reader of our own;
+- :mod:`.aravis`: ``aravis://CAMERA``, GenICam cameras (GigE Vision, USB3 Vision) through Aravis;
+- :mod:`.pylon`: ``pylon://SERIAL``, Basler cameras through pypylon (``linewatch[pylon]``).
+
+:mod:`.genicam` converts the GenICam pixel formats for the last two.
 
 Each kind's module is imported by :func:`make_source` when a camera uses it, and each imports only
 :mod:`linewatch.service.frames` and :func:`redact_url` from here.
@@ -51,11 +55,19 @@ def make_source(cfg: CameraConfig) -> Source:
     if kind == "dir":
         from linewatch.service.sources.files import DirSource
 
-        return DirSource(cfg.source[len("dir://"):], loop=cfg.on_end == "loop")
+        return DirSource(cfg.source[len("dir://"):], loop=cfg.on_end == "loop", recursive=cfg.recursive)
     if kind == "http":
         from linewatch.service.sources.mjpeg import MJPEGSource
 
         return MJPEGSource(cfg.source, cfg.timeout_s)
+    if kind == "aravis":
+        from linewatch.service.sources.aravis import AravisSource
+
+        return AravisSource(cfg)
+    if kind == "pylon":
+        from linewatch.service.sources.pylon import PylonSource
+
+        return PylonSource(cfg)
     from linewatch.service.sources.opencv import OpenCVSource
 
     return OpenCVSource(kind, cfg.source, cfg.timeout_s, loop=cfg.on_end == "loop")

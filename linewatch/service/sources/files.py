@@ -1,4 +1,5 @@
-"""``dir://PATH``: a folder of images replayed in name order, for a line without a camera yet, tests and demos."""
+"""``dir://PATH``: a folder of images replayed in name order, for a line without a camera yet, tests and demos.
+With ``recursive: true`` the sub-folders too (an MVTec-style tree), in the order of their relative paths."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from linewatch.service.frames import FrameDecodeError, RawFrame, SourceError, So
 
 
 class DirSource:
-    """``dir://PATH``: replay the images in a folder in name order (re-listed at each pass)."""
+    """``dir://PATH``: replay the images in a folder in name order (re-listed at each pass). ``recursive``:
+    every image below it, ordered by relative path (``a/001.png`` < ``b/000.png``), which is also the ref."""
 
     paced = True
 
-    def __init__(self, path: str | Path, loop: bool):
+    def __init__(self, path: str | Path, loop: bool, recursive: bool = False):
         self.path = Path(path)
         self.loop = loop
+        self.recursive = recursive
         self.description = f"dir://{self.path}"
         self._files: list[Path] = []
         self._i = 0
@@ -25,20 +28,27 @@ class DirSource:
 
     def _list(self) -> list[Path]:
         try:
-            return sorted(p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+            found = self.path.rglob("*") if self.recursive else self.path.iterdir()
+            return sorted((p for p in found if p.is_file() and p.suffix.lower() in IMAGE_EXTS), key=self._ref)
         except OSError as exc:
             raise SourceLost(f"folder {self.path} is not readable ({exc.strerror or exc})") from None
+
+    def _ref(self, p: Path) -> str:
+        """The name a frame is known by: the file name, or its path relative to the folder (recursive)."""
+        return p.relative_to(self.path).as_posix() if self.recursive else p.name
 
     def open(self) -> None:
         if not self.path.is_dir():
             raise SourceError(f"folder {self.path} does not exist")
         files = self._list()
         if not files:
-            raise SourceError(f"folder {self.path} has no images ({', '.join(sorted(IMAGE_EXTS))})")
+            hint = "" if self.recursive or not any(p.is_dir() for p in self.path.iterdir()) else \
+                "; it has sub-folders: set recursive: true on the camera to replay them"
+            raise SourceError(f"folder {self.path} has no images ({', '.join(sorted(IMAGE_EXTS))}){hint}")
         self._files = files
         self._i = 0
         if self._last is not None:  # resume after the last file we read, not from the start
-            self._i = next((i for i, p in enumerate(files) if p.name > self._last), len(files))
+            self._i = next((i for i, p in enumerate(files) if self._ref(p) > self._last), len(files))
         self._decoded_this_pass = self._tried_this_pass = 0
 
     def read(self) -> RawFrame | None:
@@ -59,15 +69,16 @@ class DirSource:
             self._i += 1
             self._tried_this_pass += 1
             img = read_image(path)
+            ref = self._ref(path)
             if img is not None:
-                self._last = path.name
+                self._last = ref
                 self._decoded_this_pass += 1
-                return RawFrame(img, rgb=True, ref=path.name)
+                return RawFrame(img, rgb=True, ref=ref)
             if not self.path.is_dir():
                 raise SourceLost(f"folder {self.path} disappeared")  # _last unchanged: retried on reopen
             if path.exists():
-                self._last = path.name
-                raise FrameDecodeError(f"cannot decode {path}", ref=path.name)
+                self._last = ref
+                raise FrameDecodeError(f"cannot decode {path}", ref=ref)
             # removed since the listing: not a frame, nothing to count; go on with the next file
 
     def close(self) -> None:

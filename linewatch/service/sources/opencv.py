@@ -1,4 +1,13 @@
-"""V4L2 devices, ``rtsp://`` streams and video files, read through OpenCV (FFmpeg for the network)."""
+"""V4L2 devices, ``rtsp://`` streams and video files, read through OpenCV (FFmpeg for the network).
+
+RTSP (H.264/H.265) goes through OpenCV's FFmpeg backend with explicit timeouts: ``CAP_PROP_OPEN_TIMEOUT_MSEC``
+bounds connecting and the DESCRIBE/SETUP/PLAY exchange, ``CAP_PROP_READ_TIMEOUT_MSEC`` each read (both the
+camera's ``timeout_s``; FFmpeg's own defaults wait for ever). A stream that ends (server gone, connection
+closed) or delivers nothing within the read timeout is :class:`SourceLost`, and the capture loop reopens
+with the backoff. A read that blocks inside FFmpeg despite the timeout is the capture watchdog's to catch.
+FFmpeg picks the transport (UDP, falling back to TCP); to force TCP interleaving, e.g. through a firewall,
+start linewatch with ``OPENCV_FFMPEG_CAPTURE_OPTIONS="rtsp_transport;tcp"`` (see docs/cameras.md).
+"""
 
 from __future__ import annotations
 
@@ -46,7 +55,9 @@ class OpenCVSource:
             cap = cv2.VideoCapture(self.source, cv2.CAP_FFMPEG, params)
         if not cap.isOpened():
             cap.release()
-            raise SourceError(f"cannot open {self.description}")
+            why = (f" within {self.timeout_ms / 1000:g} s (refused, unreachable, wrong path or credentials, or not "
+                   "a stream FFmpeg can read)" if self.kind == "rtsp" else "")
+            raise SourceError(f"cannot open {self.description}{why}")
         if self.kind != "file":
             cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # hold as little as possible: we want the newest frame
         self._cap = cap
@@ -60,7 +71,8 @@ class OpenCVSource:
             ref = f"{self._path().name}#{self._index - 1}" if self.kind == "file" else None
             return RawFrame(img, rgb=False, ref=ref)
         if self.kind != "file":
-            raise SourceLost(f"{self.description} delivered no frame within {self.timeout_ms} ms")
+            raise SourceLost(f"{self.description} stopped delivering frames (stream ended, or no frame within "
+                             f"{self.timeout_ms} ms)")
         if self._index == 0:
             raise SourceLost(f"video file {self.source} has no readable frames")
         if not self.loop:

@@ -41,6 +41,9 @@ DROP_REASONS = ("queue_full", "decode_error", "inference_error", "publish_queue_
 # previews skipped: over publisher.preview_max_per_s, nobody subscribed to preview.<camera>, ZeroMQ refused
 # the message (a subscriber at its high-water mark), encoding or sending failed (logged)
 PREVIEW_SKIP_REASONS = ("rate_limit", "no_subscriber", "publish_hwm", "error")
+# GenICam buffers skipped (aravis://, pylon://), created up front; a camera library's other statuses (Aravis:
+# timeout, aborted, …) appear when they happen
+INCOMPLETE_REASONS = ("missing_packets", "underrun", "failed_buffer", "size_mismatch")
 
 # Latency: from a few ms (GPU, small batches) to seconds (CPU, large frames, backlog).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
@@ -163,6 +166,10 @@ class Metrics:
                                 ["camera"], registry=r)
         self.sharpness_ratio = Gauge("linewatch_frame_sharpness_ratio", "Sharpness of the last checked frame / "
                                      "calibration median", ["camera"], registry=r)
+        self.calibration_mismatch = Gauge("linewatch_calibration_mismatch", "1 once the camera's first "
+                                          "health.startup_check_frames verdicts failed far beyond the calibrated "
+                                          "rate, or its framing differs from the model's (framing, lighting, "
+                                          "focus?)", ["camera"], registry=r)
         self.health_skipped = Counter("linewatch_health_skipped", "Frames not health-checked because the health "
                                       "thread was busy (checks are sampled; verdicts unaffected)", registry=r)
         # reject archive (linewatch.service.observers.archive)
@@ -178,6 +185,15 @@ class Metrics:
                                 "preview.<camera>", ["camera"], registry=r)
         self.previews_skipped = Counter("linewatch_previews_skipped", "Previews the policy asked for but not sent, "
                                         "by reason: " + ", ".join(PREVIEW_SKIP_REASONS), ["reason"], registry=r)
+        # GenICam cameras (aravis://, pylon://) and part-triggered mode (linewatch.service.deadlines)
+        self.incomplete_frames = Counter("linewatch_camera_incomplete_frames", "Camera buffers that arrived "
+                                         "incomplete or failed (missing packets, underrun, timeout); skipped, "
+                                         "by reason", ["camera", "reason"], registry=r)
+        self.parts_timed_out = Counter("linewatch_parts_timed_out", "Parts (triggered cameras) whose verdict was "
+                                       "not ready within verdict_deadline_ms: a timeout verdict (fail) was "
+                                       "published instead", ["camera"], registry=r)
+        self.parts_late = Counter("linewatch_parts_late", "Verdicts made after their part had timed out: not "
+                                  "published (the timeout verdict stands)", ["camera"], registry=r)
         self.verdicts_deprecated = DeprecatedCounterAlias(self.verdicts, DEPRECATED_VERDICTS_NAME, r)
         # process_* series (resident memory, open fds, CPU seconds, start time): what an SRE and the soak read
         # to see a leak, from the same scrape as everything else
@@ -198,8 +214,13 @@ class Metrics:
             self.latency.labels(cam)
             self.score_ratio.labels(cam)
             self.previews.labels(cam)
+            self.parts_timed_out.labels(cam)
+            self.parts_late.labels(cam)
+            for reason in INCOMPLETE_REASONS:
+                self.incomplete_frames.labels(cam, reason)
             for cond in ("ok", "black", "frozen", "blurred"):
                 self.condition.labels(cam, cond).set(1 if cond == "ok" else 0)
+            self.calibration_mismatch.labels(cam).set(0)
         for q in ("frames", "publish"):
             self.queue_depth.labels(q).set(0)
         for reason in ("age", "size"):

@@ -19,6 +19,13 @@ figure is the median over the rounds and each ratio the median of the per-round 
     V4L2 / GigE Vision camera hands them over. A real ZeroMQ subscriber counts the verdicts.
 ``linewatch-files``
     The same, from a ``dir://`` folder of the image files (decode in the capture threads).
+``linewatch-jpeg`` (not in the default set)
+    The same, from a ``dir://`` folder of the images re-encoded as JPEG (quality 95, written once before the
+    rounds): JPEG cameras. Where the daemon decodes JPEG on the device (CUDA, ``Detector.decode_jpegs``) this
+    is the nvJPEG path; on the CPU it is libjpeg-turbo in capture.
+
+On CUDA (``--device cuda``) the batch sweep goes up to 256 and ``bare`` is also timed with the eager and the
+graph engine at the best batch (``bare[eager]``, ``bare[graph]``): the floor with and without CUDA graphs.
 
 The streaming modes measure capacity: each camera is *triggered when the pipeline has room* (its source
 waits for a free slot in its frame queue) — a camera running exactly as fast as linewatch can inspect. A
@@ -52,7 +59,14 @@ import numpy as np
 
 from linewatch.errors import LinewatchError
 from linewatch.tools.bench.inputs import DEFAULT_IMAGES, build_detector, find_images, resolve_images_dir
-from linewatch.tools.bench.loops import BATCH_CANDIDATES, bare_batch, naive_step, sweep_batch, timed_loop
+from linewatch.tools.bench.loops import (
+    BATCH_CANDIDATES,
+    BATCH_CANDIDATES_CUDA,
+    bare_batch,
+    naive_step,
+    sweep_batch,
+    timed_loop,
+)
 from linewatch.tools.bench.report import ModeSummary, format_report
 from linewatch.tools.bench.stats import median, peak_rss_mb, percentile, rss_mb
 from linewatch.tools.bench.stream import PACED, STREAM_MODES, run_stream
@@ -60,9 +74,11 @@ from linewatch.tools.bench.stream import PACED, STREAM_MODES, run_stream
 if TYPE_CHECKING:
     from linewatch.model import Detector
 
-__all__ = ["DEFAULT_IMAGES", "MODES", "TARGETS", "format_report", "run_bench"]
+__all__ = ["ALL_MODES", "DEFAULT_IMAGES", "MODES", "TARGETS", "format_report", "run_bench"]
 
-MODES = ("bare", "naive", "linewatch-raw", "linewatch-files")
+MODES = ("bare", "naive", "linewatch-raw", "linewatch-files")  # the default set
+ALL_MODES = (*MODES, "linewatch-jpeg")
+JPEG_QUALITY = 95
 TARGETS = {"raw_over_bare": 0.90, "files_over_naive": 1.3, "p99_over_bare_batch": 3.0}
 
 
@@ -71,12 +87,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from linewatch.imaging.images import read_image, resize
+    from linewatch.model import resolve_device
     from linewatch.service.runtime import auto_torch_threads
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in ALL_MODES]
     if bad:
-        raise LinewatchError(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
+        raise LinewatchError(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(ALL_MODES)}")
+    cuda = resolve_device(args.device).type == "cuda"  # --device cuda without a GPU: a one-line error, here
     if args.short:
         args.duration = min(args.duration, 1.0)
         args.warmup = min(args.warmup, 0.5)
@@ -113,19 +131,33 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     folder = Path(tmp.name)
     for i, p in enumerate(paths):
         (folder / f"{i:04d}_{p.parent.name}_{p.name}").symlink_to(p.resolve())
+    jpeg_folder = folder / "jpeg"
+    if "linewatch-jpeg" in modes:
+        jpeg_folder.mkdir()
+        for i, p in enumerate(paths):
+            img = read_image(p)
+            if img is not None:
+                ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
+                                       [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+                if ok:
+                    (jpeg_folder / f"{i:04d}_{p.parent.name}_{p.stem}.jpg").write_bytes(buf.tobytes())
 
     # batch: the best for the bare model unless given
     sweep: dict[int, float] = {}
     if args.batch:
         batch = args.batch
     else:
-        cands = (1, 2) if args.short else BATCH_CANDIDATES
+        cands = (1, 2) if args.short else BATCH_CANDIDATES_CUDA if cuda else BATCH_CANDIDATES
+        det.warm_up((1, max(cands)))  # the graph engine captures its buckets up to the largest candidate
         sweep = sweep_batch(det, small_frames, cands, 0.3 if args.short else args.sweep_s)
         batch = max(sweep, key=lambda b: sweep[b])
+    det.warm_up((1, batch))  # a --batch above the sweep's: the graph engine captures up to it
     bare_step = bare_batch(det, small_frames, batch)
     bare_step()
 
     engines = [e.strip() for e in (args.compare_engines or "").split(",") if e.strip()]
+    if cuda:  # the floor with and without CUDA graphs, at the best batch
+        engines += [e for e in ("eager", "graph") if e not in engines]
     extra: dict[str, Detector] = {}
     for e in engines:
         from linewatch.model import Detector as _Detector
@@ -154,7 +186,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                     step()  # warm (file cache, first batch-1 call)
                 rounds[m].append(timed_loop(step, args.duration))
             else:
-                rounds[m].append(run_stream(m, det, args, batch, threads, raw_frames, folder, args.duration,
+                rounds[m].append(run_stream(m, det, args, batch, threads, raw_frames,
+                                            jpeg_folder if m == "linewatch-jpeg" else folder, args.duration,
                                             args.warmup))
             _progress(args, r, m, rounds[m][-1])
             if m == "linewatch-raw" and paced and rounds[m][-1].images_per_s > 0:
@@ -227,6 +260,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "linewatch_bench": 1,
         "command": " ".join(["linewatch", *sys.argv[1:]]) if sys.argv and "bench" in sys.argv else None,
         "model": asdict(info),
+        "device": _device_info(det.device),
         "threads": {"torch": threads, "torch_interop": 1, "opencv": 1, "cpus": os.cpu_count()},
         "cameras": args.cameras,
         "batch": batch,
@@ -242,6 +276,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "files_over_naive": ratio("linewatch-files", "naive"),
             "cpu_raw_over_bare": cpu_ratio("linewatch-raw", "bare"),
             "cpu_files_over_naive": cpu_ratio("linewatch-files", "naive"),
+            "jpeg_over_bare": ratio("linewatch-jpeg", "bare"),
+            "graph_over_eager": (summaries["bare[graph]"].images_per_s / summaries["bare[eager]"].images_per_s
+                                 if "bare[graph]" in summaries and "bare[eager]" in summaries
+                                 and summaries["bare[eager]"].images_per_s else None),
         },
         "load_average": list(os.getloadavg()),
         "latency": {
@@ -267,6 +305,17 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "model_build_s": round(build_s, 2),
     }
     return result
+
+
+def _device_info(device: Any) -> dict[str, Any]:
+    import torch
+
+    dev = torch.device(device)
+    info: dict[str, Any] = {"type": dev.type, "torch": torch.__version__}
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        info.update(name=props.name, memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return info
 
 
 def _progress(args: argparse.Namespace, r: int, mode: str, value: Any) -> None:

@@ -36,7 +36,9 @@ def format_report(res: dict[str, Any], profile: bool = False) -> str:
         f"linewatch bench: {m['backbone']} {m['input_size'][0]}x{m['input_size'][1]}, engine {m['engine']}, "
         f"device {m['device']}, torch threads {res['threads']['torch']} (interop 1, OpenCV 1, {res['threads']['cpus']} "
         f"CPUs), {res['cameras']} camera(s), batch {res['batch']}",
-        f"model: {m['source']}; teacher: {m['teacher']}",
+        f"model: {m['source']}; teacher: {m['teacher']}"
+        + (f"; GPU {res['device']['name']} ({res['device']['memory_gb']} GB, CUDA {res['device']['cuda']})"
+           if res.get("device", {}).get("type") == "cuda" else ""),
         f"images: {res['images']['files']} files from {res['images']['dir']} "
         f"({res['images']['frame_size'][0]}x{res['images']['frame_size'][1]}; {res['images']['raw_frames']} "
         f"pre-decoded for linewatch-raw); {res['rounds']} round(s) x {res['duration_s']:g} s per mode, medians",
@@ -62,6 +64,9 @@ def format_report(res: dict[str, Any], profile: bool = False) -> str:
     lines += ["",
               f"linewatch-raw / bare     {_fmt(r['raw_over_bare'], '.3f')}   (target ≥ {t['raw_over_bare']})",
               f"linewatch-files / naive  {_fmt(r['files_over_naive'], '.3f')}   (target ≥ {t['files_over_naive']})",
+              *([f"linewatch-jpeg / bare    {_fmt(r['jpeg_over_bare'], '.3f')}"] if r.get("jpeg_over_bare") else []),
+              *([f"bare graph / bare eager  {_fmt(r['graph_over_eager'], '.3f')}   (CUDA graphs at the best batch)"]
+                if r.get("graph_over_eager") else []),
               f"on a fixed CPU budget (CPU per image, all threads): raw/bare {_fmt(r['cpu_raw_over_bare'], '.3f')}, "
               f"files/naive {_fmt(r['cpu_files_over_naive'], '.3f')}; load average during the run "
               f"{res['load_average'][0]:.2f} (this machine's other users)",

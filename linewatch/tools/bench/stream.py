@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from linewatch.service.sources import Source
 
 PACED = "linewatch-raw-paced"  # free-running cameras at --latency-load × the measured linewatch-raw rate
-STREAM_MODES = ("linewatch-raw", "linewatch-files", PACED)
+STREAM_MODES = ("linewatch-raw", "linewatch-files", "linewatch-jpeg", PACED)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """`python -m linewatch.tools.demo` (what `make demo` runs): calibrate a solar-cell inspection station on
 good monocrystalline ELPV cells, then stream held-out good and defective cells through the real
-daemon, print live verdicts from a ZeroMQ subscriber, and summarise.
+daemon, print live verdicts from a ZeroMQ subscriber, show them in ``linewatch view`` (a live web page on
+127.0.0.1; ``--no-view`` skips it), and summarise.
 
 A rerun reuses the downloaded data and the calibrated model (delete ``--out`` to start over).
 """
@@ -16,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from linewatch.errors import LinewatchError
-from linewatch.tools.harness import DaemonProcess, metric_total, scrape, subprocess_env
+from linewatch.tools.demo.liveview import LiveView, keep_open
+from linewatch.tools.harness import DaemonProcess, metric_total, scrape, subprocess_env, wait_until
 
 DEFAULT_EPOCHS = 12  # ≈ 4–5 min of training on 2 CPU cores; see docs/model.md (the demo) for what more epochs reach
 START_TIMEOUT_S = 300.0  # model load on a busy machine; the daemon's own errors end the wait at once
@@ -31,8 +33,9 @@ def write_config(path: Path, model: Path, stream_dir: Path, archive: Path, fps: 
         # a replay must not lose frames to a slower machine: room for a backlog instead of drop-oldest
         "batching": {"max_batch": 8, "max_wait_ms": 20, "frame_queue": 1024},
         "cameras": [{"name": "elpv", "source": f"dir://{stream_dir.resolve()}", "fps": fps, "on_end": "stop"}],
-        "publisher": {"bind": "tcp://127.0.0.1:*", "masks": "fail", "wait_for_subscriber_s": 30,
-                      "sndhwm": 100000},
+        # previews (frame + heatmap) for the live view: every fail and every 5th cell, at most 2 a second
+        "publisher": {"bind": "tcp://127.0.0.1:*", "masks": "fail", "wait_for_subscriber_s": 120,
+                      "sndhwm": 100000, "preview": "every_nth", "preview_every_n": 5},
         "metrics": {"host": "127.0.0.1", "port": 0},
         "logging": {"format": "json", "level": "info"},
         "daemon": {"exit_when_sources_end": False},
@@ -51,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, help="quick mode: at most this many calibration cells (tests)")
     ap.add_argument("--input-size", type=int, default=256)
     ap.add_argument("--quiet", action="store_true", help="no per-verdict lines")
+    ap.add_argument("--no-view", dest="view", action="store_false", help="do not start the live web view")
+    ap.add_argument("--view-port", type=int, default=0, metavar="N",
+                    help="port of the live web view on 127.0.0.1 (default: a free one)")
+    ap.add_argument("--keep-view-s", type=float, metavar="S",
+                    help="keep the view open S seconds after the stream (default: until Enter at a terminal, "
+                    "0 otherwise)")
     args = ap.parse_args(argv)
     try:
         return run(args)
@@ -100,12 +109,22 @@ def run(args: argparse.Namespace) -> int:
     # this shell's environment as it is (the demo runs the daemon the way a user would), log to daemon.log
     daemon = DaemonProcess(cfg, environ=subprocess_env(clean=False, checkout=False), cwd=None, log_file=log_path)
     verdicts = []
+    view: LiveView | None = None
+    view_counts: tuple[int, int] | None = None
     try:
         try:
             endpoint = daemon.wait_event("publisher_bound", START_TIMEOUT_S)["endpoint"]
             metrics_url = daemon.wait_event("metrics_listening", START_TIMEOUT_S)["url"]
         except LinewatchError as exc:
             raise LinewatchError(f"{exc}; see {log_path}") from None
+        if args.view:
+            # the view subscribes first: the daemon holds the cameras until a subscriber is in
+            # (wait_for_subscriber_s), so the view sees the stream from its first cell
+            view = LiveView(endpoint, args.view_port, out / "view.log")
+            if view.wait_subscribed(daemon):
+                print(f"\n   >>> open {view.url} to watch the line <<<\n", flush=True)
+            elif view.warning:
+                print(f"   WARNING: {view.warning}; going on without it", flush=True)
         with Subscriber(endpoint, cameras=["elpv"]) as sub:
             masks = out / "masks"
             masks.mkdir(exist_ok=True)
@@ -128,7 +147,16 @@ def run(args: argparse.Namespace) -> int:
                     print(f"   #{v.sequence:04d} {v.verdict.upper():4s} score {v.score:.4g} p={v.p_value:.3f} "
                           f"{Path(name).name}{mark}", flush=True)
         metrics = scrape(metrics_url, timeout=5)
+        if view is not None and view.url is not None:
+            try:  # the view reads the same stream: give it a moment to catch up with the demo's subscriber
+                wait_until(lambda: (view.counts() or (0, 0))[0] >= len(verdicts), 10, 0.2, "view caught up")
+            except AssertionError:
+                pass  # reported below as the count it has
+            keep_open(args.keep_view_s, view.url)
+            view_counts = view.counts()
     finally:
+        if view is not None:
+            view.stop()  # SIGTERM; exit 0 expected, anything else is a warning
         daemon.stop(30)  # SIGTERM; killed if it has not drained within 30 s
         daemon.close()
     print("== 4/4 summary")
@@ -154,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
         ("reject archive (overlays, masks, headers)", str(archive) if archive.exists() else "not written"),
         ("daemon log", str(log_path)),
         ("metrics URL (while the daemon runs)", metrics_url),
+        ("live view", _view_row(view, view_counts, len(verdicts))),
         ("total time", f"{time.monotonic() - t_start:.0f} s"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -165,11 +194,27 @@ def run(args: argparse.Namespace) -> int:
         "latency_ms_p50": float(np.percentile(lat, 50)) if len(lat) else None,
         "latency_ms_p99": float(np.percentile(lat, 99)) if len(lat) else None,
         "metrics_frames_total": frames_metric, "daemon_exit_code": daemon.returncode,
+        "view_url": view.url if view is not None else None,
+        "view_verdicts": view_counts[0] if view_counts is not None else None,
+        "view_exit_code": view.exit_code if view is not None else None,
     }, indent=2))
+    if view is not None and view.warning and view.url is not None:
+        print(f"   WARNING: {view.warning}")
     if len(verdicts) < len(labels):
         print(f"   WARNING: {len(labels) - len(verdicts)} verdicts missing; see {log_path}")
         return 1
     return 0
+
+
+def _view_row(view: LiveView | None, counts: tuple[int, int] | None, n_verdicts: int) -> str:
+    if view is None:
+        return "not started (--no-view)"
+    if view.url is None:
+        return f"not available ({view.warning or 'did not start'})"
+    if counts is None:
+        return f"{view.url} (its state could not be read)"
+    return (f"{view.url} received {counts[0]} of {n_verdicts} verdicts"
+            f"{', with pictures' if counts[1] else ''}")
 
 
 if __name__ == "__main__":

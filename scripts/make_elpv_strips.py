@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""ELPV module strips: a dev set of long parts with thin defects, built from real solar-cell images.
+
+Four monocrystalline ELPV cells (300×300) side by side make one 300×1200 strip (aspect 4 : 1). A strip is
+*good* when all four cells have defect probability 0, *defective* when one of them has probability 1 (the
+other three good). Good cells are split once, seeded, into a training pool and a test pool, so no cell is in
+both a training strip and a test strip; certainly-defective cells appear only in test strips.
+
+    python scripts/make_elpv_strips.py --out data/elpv_strips            # fetches the elpv-dataset wheel
+    python scripts/make_elpv_strips.py --elpv DIR/with/labels.csv --out OUT --seed 0
+
+Writes ``OUT/train/good``, ``OUT/test/good``, ``OUT/test/defect`` (no pixel masks: ELPV has none) and
+``OUT/strips.csv`` (which cells each strip is made of). The ELPV licence (CC BY-NC-SA 4.0) applies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+CELLS_PER_STRIP = 4
+
+
+def read_labels(data: Path) -> tuple[list[Path], list[Path]]:
+    """(good mono cells, defective mono cells) from ELPV's labels.csv, in file order."""
+    good, bad = [], []
+    with open(data / "labels.csv") as f:
+        for row in csv.reader(f, delimiter=" ", skipinitialspace=True):
+            if len(row) < 3 or row[2] != "mono":
+                continue
+            prob = float(row[1])
+            if prob == 0.0:
+                good.append(data / row[0])
+            elif prob == 1.0:
+                bad.append(data / row[0])
+    return good, bad
+
+
+def _cell(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise SystemExit(f"error: cannot read ELPV cell {path}")
+    return img
+
+
+def build(data: Path, out: Path, seed: int = 0, test_fraction: float = 0.3, n_test_good: int = 60,
+          n_test_defect: int = 60, train_rounds: int = 1) -> dict[str, int]:
+    """Write the strips; returns how many of each. Deterministic for a given ``seed``."""
+    good, bad = read_labels(data)
+    rng = np.random.default_rng(seed)
+    good = [good[i] for i in rng.permutation(len(good))]
+    bad = [bad[i] for i in rng.permutation(len(bad))]
+    n_test_cells = int(round(len(good) * test_fraction))
+    test_pool, train_pool = good[:n_test_cells], good[n_test_cells:]
+    if len(train_pool) < CELLS_PER_STRIP or len(test_pool) < CELLS_PER_STRIP - 1:
+        raise SystemExit(f"error: {len(good)} good mono cells are too few to build strips")
+    strips: list[tuple[str, list[Path]]] = []  # (split/label, cells)
+    for _ in range(train_rounds):  # each round uses every training cell once, in a new order
+        order = [train_pool[i] for i in rng.permutation(len(train_pool))]
+        for i in range(0, len(order) - CELLS_PER_STRIP + 1, CELLS_PER_STRIP):
+            strips.append(("train/good", order[i:i + CELLS_PER_STRIP]))
+    for _ in range(n_test_good):
+        idx = rng.choice(len(test_pool), CELLS_PER_STRIP, replace=False)
+        strips.append(("test/good", [test_pool[i] for i in idx]))
+    for k in range(min(n_test_defect, len(bad))):
+        idx = rng.choice(len(test_pool), CELLS_PER_STRIP - 1, replace=False)
+        cells = [test_pool[i] for i in idx]
+        cells.insert(int(rng.integers(0, CELLS_PER_STRIP)), bad[k])  # the defective cell at a random position
+        strips.append(("test/defect", cells))
+    counts: dict[str, int] = {}
+    rows = []
+    for split in ("train/good", "test/good", "test/defect"):
+        (out / split).mkdir(parents=True, exist_ok=True)
+    for split, cells in strips:
+        n = counts.get(split, 0)
+        counts[split] = n + 1
+        name = f"{n:04d}.png"
+        imgs = [_cell(p) for p in cells]
+        h = imgs[0].shape[0]
+        imgs = [im if im.shape[0] == h else cv2.resize(im, (im.shape[1] * h // im.shape[0], h)) for im in imgs]
+        cv2.imwrite(str(out / split / name), np.hstack(imgs))
+        rows.append({"file": f"{split}/{name}", "cells": " ".join(p.stem for p in cells)})
+    with open(out / "strips.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["file", "cells"])
+        w.writeheader()
+        w.writerows(rows)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path, help="folder to write train/ and test/ into")
+    ap.add_argument("--elpv", type=Path, help="ELPV data folder (labels.csv, images/); default: fetch the wheel")
+    ap.add_argument("--cache", type=Path, default=Path(".cache/elpv"), help="where the fetched wheel is unpacked")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--test-fraction", type=float, default=0.3, help="good cells kept for test strips")
+    ap.add_argument("--test-good", type=int, default=60, help="good test strips")
+    ap.add_argument("--test-defect", type=int, default=60, help="defective test strips (≤ defective cells)")
+    ap.add_argument("--train-rounds", type=int, default=1, help="training strips: each training cell used this often")
+    args = ap.parse_args(argv)
+    data = args.elpv
+    if data is None:
+        from linewatch.tools.demo.elpv import fetch
+
+        data = fetch(args.cache)
+    if not (data / "labels.csv").is_file():
+        print(f"error: {data} has no labels.csv (pass the ELPV data folder)", file=sys.stderr)
+        return 2
+    counts = build(data, args.out, args.seed, args.test_fraction, args.test_good, args.test_defect,
+                   args.train_rounds)
+    print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" → {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

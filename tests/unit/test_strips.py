@@ -1,0 +1,77 @@
+"""scripts/make_elpv_strips.py on a tiny fake ELPV tree."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def strips_mod():
+    spec = importlib.util.spec_from_file_location("make_elpv_strips", ROOT / "scripts" / "make_elpv_strips.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def fake_elpv(tmp_path):
+    """24 good mono, 5 defective mono, plus poly and uncertain cells that must be ignored; 20×20 cells whose
+    grey value encodes their number (so strips can be traced back to cells)."""
+    data = tmp_path / "elpv"
+    (data / "images").mkdir(parents=True)
+    rows = []
+    kinds = [("1.0", "mono")] * 5 + [("0.0", "mono")] * 24 + [("0.0", "poly")] * 4
+    kinds += [("0.3333333333333333", "mono")] * 3
+    for i, (prob, kind) in enumerate(kinds):
+        name = f"images/cell{i:04d}.png"
+        cv2.imwrite(str(data / name), np.full((20, 20), i * 7 % 256, np.uint8))
+        rows.append(f"{name}  {prob}                 {kind}")
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    return data
+
+
+def _strip_cells(out: Path) -> dict[str, list[str]]:
+    with open(out / "strips.csv") as f:
+        return {r["file"]: r["cells"].split() for r in csv.DictReader(f)}
+
+
+def test_strips_are_four_cells_wide_labelled_and_train_test_disjoint(strips_mod, fake_elpv, tmp_path):
+    out = tmp_path / "strips"
+    assert strips_mod.main(["--elpv", str(fake_elpv), "--out", str(out), "--test-good", "3",
+                            "--test-defect", "4", "--seed", "1"]) == 0
+    train = sorted((out / "train/good").iterdir())
+    assert len(train) == 4  # 17 training cells (24 − round(24·0.3)) → 4 strips, each cell once
+    assert len(list((out / "test/good").iterdir())) == 3 and len(list((out / "test/defect").iterdir())) == 4
+    img = cv2.imread(str(train[0]), cv2.IMREAD_UNCHANGED)
+    assert img.shape == (20, 80)  # 4 cells side by side
+    cells = _strip_cells(out)
+    defective = {f"cell{i:04d}" for i in range(5)}
+    good_mono = {f"cell{i:04d}" for i in range(5, 29)}
+    train_cells = {c for f, cs in cells.items() if f.startswith("train/") for c in cs}
+    test_cells = {c for f, cs in cells.items() if f.startswith("test/") for c in cs}
+    assert not train_cells & test_cells
+    for f, cs in cells.items():
+        assert len(cs) == 4 and len(set(cs)) == 4
+        n_bad = len(set(cs) & defective)
+        assert n_bad == (1 if f.startswith("test/defect") else 0)
+        assert set(cs) - defective <= good_mono  # never a poly or an uncertain cell
+        # the pixels are those cells, in that order
+        strip = cv2.imread(str(out / f), cv2.IMREAD_UNCHANGED)
+        want = [int(c[4:]) * 7 % 256 for c in cs]
+        assert [int(strip[0, 20 * k]) for k in range(4)] == want
+
+
+def test_the_same_seed_gives_the_same_strips_and_another_seed_others(strips_mod, fake_elpv, tmp_path):
+    args = ["--elpv", str(fake_elpv), "--test-good", "2", "--test-defect", "2"]
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "5")):
+        strips_mod.main([*args, "--out", str(tmp_path / name), "--seed", seed])
+    assert _strip_cells(tmp_path / "a") == _strip_cells(tmp_path / "b")
+    assert _strip_cells(tmp_path / "a") != _strip_cells(tmp_path / "c")
