@@ -183,3 +183,62 @@ class StallingSource:
 
 def stalling_source(cfg) -> StallingSource:
     return StallingSource(cfg.source[len("dir://"):])
+
+
+# --------------------------------------------------------------------------- the inference worker, in process
+
+FRAME_HW = (16, 16)  # the fake detectors' input size (h, w)
+
+
+def mk_frame(cam: str, seq: int, bright: bool, roi=(0, 0, 64, 48), too_big: bool = False):
+    """A 16×16 frame from a 64×48 camera: ``bright`` puts a 4×6 white patch in it (the fakes fail it);
+    ``too_big`` marks it for fake detectors that refuse it."""
+    import time
+
+    from linewatch.service.frames import Frame
+
+    img = np.zeros((*FRAME_HW, 3), np.uint8)
+    if bright:
+        img[4:8, 6:12] = 255
+    if too_big:
+        img[0, 0, 0] = 77
+    return Frame(cam, seq, time.time(), time.monotonic(), img, (64, 48), roi, ref=f"{seq:03d}.png")
+
+
+def value(m, name: str, **labels) -> float:
+    """One sample of a Metrics registry (0 when absent)."""
+    v = m.registry.get_sample_value(name, labels)
+    return 0.0 if v is None else v
+
+
+class Sink:
+    """The worker's publish callback: keeps every (verdict, mask) it is handed."""
+
+    def __init__(self):
+        self.items = []
+        self.lock = threading.Lock()
+
+    def __call__(self, verdict, mask):
+        with self.lock:
+            self.items.append((verdict, mask))
+
+
+def drain_worker(frames, det, *, max_batch: int = 8, queue_size: int = 1000, drain_s: float = 30.0,
+                 join_s: float = 60.0, **kw):
+    """Queue ``frames``, run an InferenceWorker in drain mode until they are done; (items, metrics, worker)."""
+    import time
+
+    from linewatch.service.frames import FrameQueue
+    from linewatch.service.telemetry.prometheus import Metrics
+    from linewatch.service.worker import InferenceWorker
+
+    m, sink = Metrics(), Sink()
+    q = FrameQueue(queue_size, m)
+    for f in frames:
+        q.put(f)
+    w = InferenceWorker(det, q, sink, m, max_batch=max_batch, max_wait_ms=1, run_id=kw.pop("run_id", "run1"), **kw)
+    w.stop(time.monotonic() + drain_s)  # drain mode: process what is queued, then exit
+    w.start()
+    w.join(join_s)
+    assert not w.is_alive()
+    return sink.items, m, w

@@ -7,10 +7,11 @@ import threading
 import time
 from types import SimpleNamespace
 
-import numpy as np
+import fakes
 import pytest
 import structlog
 import torch
+from fakes import Sink, mk_frame, value
 
 from linewatch.model import Calibration, Prediction
 from linewatch.service.detector import Detector
@@ -67,42 +68,10 @@ def test_the_fake_detector_is_a_service_detector():
     assert isinstance(FakeDetector(), Detector)
 
 
-def mk_frame(cam: str, seq: int, bright: bool, too_big: bool = False) -> Frame:
-    img = np.zeros((H, W, 3), np.uint8)
-    if bright:
-        img[4:8, 6:12] = 255
-    if too_big:
-        img[0, 0, 0] = 77
-    return Frame(cam, seq, time.time(), time.monotonic(), img, (64, 48), (0, 0, 64, 48), ref=f"{seq:03d}.png")
-
-
-def value(m: Metrics, name: str, **labels) -> float:
-    v = m.registry.get_sample_value(name, labels)
-    return 0.0 if v is None else v
-
-
-class Sink:
-    def __init__(self):
-        self.items = []
-        self.lock = threading.Lock()
-
-    def __call__(self, verdict, mask):
-        with self.lock:
-            self.items.append((verdict, mask))
-
-
 def drain_worker(frames, det, *, max_batch=8, **kw):
-    m, sink = Metrics(), Sink()
-    q = FrameQueue(1000, m)
-    for f in frames:
-        q.put(f)
-    w = InferenceWorker(det, q, sink, m, max_batch=max_batch, max_wait_ms=1, run_id="r", **kw)
-    w.stop(time.monotonic() + 30)  # drain mode: process what is queued, then exit
     with structlog.testing.capture_logs() as logs:
-        w.start()
-        w.join(60)
-    assert not w.is_alive()
-    return sink.items, m, w, logs
+        items, m, w = fakes.drain_worker(frames, det, max_batch=max_batch, run_id="r", **kw)
+    return items, m, w, logs
 
 
 def test_oom_splits_the_batch_lowers_the_limit_and_loses_no_verdict():

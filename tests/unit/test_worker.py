@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from types import SimpleNamespace
 
@@ -10,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from fakes import Sink, drain_worker, mk_frame, value
 
 from linewatch.model import Calibration, Prediction
 from linewatch.service.detector import Detector
@@ -53,40 +53,11 @@ def test_the_fake_detector_is_a_service_detector():
     assert isinstance(FakeDetector(), Detector)
 
 
-def mk_frame(cam: str, seq: int, bright: bool, roi=(0, 0, 64, 48)) -> Frame:
-    img = np.zeros((H, W, 3), np.uint8)
-    if bright:
-        img[4:8, 6:12] = 255
-    return Frame(cam, seq, time.time(), time.monotonic(), img, (64, 48), roi, ref=f"{seq:03d}.png")
-
-
-def value(m: Metrics, name: str, **labels) -> float:
-    v = m.registry.get_sample_value(name, labels)
-    return 0.0 if v is None else v
-
-
-class Sink:
-    def __init__(self):
-        self.items = []
-        self.lock = threading.Lock()
-
-    def __call__(self, verdict, mask):
-        with self.lock:
-            self.items.append((verdict, mask))
-
-
 def run_worker(frames, det=None, *, max_batch=4, masks="fail", deadline_s=10.0, queue_size=100):
     det = det or FakeDetector()
-    m, sink = Metrics(), Sink()
-    q = FrameQueue(queue_size, m)
-    for f in frames:
-        q.put(f)
-    w = InferenceWorker(det, q, sink, m, max_batch=max_batch, max_wait_ms=1, masks=masks, run_id="run1")
-    w.stop(time.monotonic() + deadline_s)  # drain mode: process what is queued, then exit
-    w.start()
-    w.join(30)
-    assert not w.is_alive()
-    return sink.items, m, det
+    items, m, _ = drain_worker(frames, det, max_batch=max_batch, masks=masks, queue_size=queue_size,
+                               drain_s=deadline_s, join_s=30)
+    return items, m, det
 
 
 # --------------------------------------------------------------------------- defect regions
