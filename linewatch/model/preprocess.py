@@ -16,7 +16,7 @@ slot of the result, never an exception for the whole batch.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -65,25 +65,14 @@ def resize_frames_device(frames: Sequence[torch.Tensor], size: tuple[int, int]) 
     level from rounding), enlarging is bilinear. A frame that shrinks one way and grows the other (no camera
     ROI the daemon accepts does that with a square model) gets antialiased bilinear. Frames of one shape are
     resized in one call; any device, so the CPU tests run the very path CUDA runs."""
-    if not frames:
-        raise ValueError("no frames")
-    h, w = size
-    dev = frames[0].device
-    out = torch.empty((len(frames), h, w, 3), dtype=torch.uint8, device=dev)
-    for shape, idx in _groups(frames).items():
-        if shape[:2] == (h, w):
-            for i in idx:
-                out[i] = frames[i]
-            continue
-        x = torch.stack([frames[i] for i in idx]).permute(0, 3, 1, 2).float()  # (b,3,H,W)
-        if shape[0] >= h and shape[1] >= w:
-            y = _area_matrix(shape[0], h, dev) @ x @ _area_matrix(shape[1], w, dev).T
-        elif shape[0] <= h and shape[1] <= w:
-            y = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-        else:
-            y = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-        out[idx] = y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-    return out
+    def area_or_bilinear(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        hi, wi = x.shape[-2:]
+        if hi >= h and wi >= w:
+            return _area_matrix(hi, h, x.device) @ x @ _area_matrix(wi, w, x.device).T
+        return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False,
+                             antialias=not (hi <= h and wi <= w))
+
+    return _resize_grouped(frames, size, area_or_bilinear)
 
 
 def _groups(frames: Sequence[torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
@@ -99,19 +88,25 @@ def resize_frames_antialias(frames: Sequence[torch.Tensor], size: tuple[int, int
     rounded back to uint8. Not what :meth:`Detector.predict_frames` uses: against the area resize that
     calibration used it moved bottle scores by up to 9 % of the threshold (docs/performance.md), where
     :func:`resize_frames_device` moves them by well under 1 %. Kept to measure that."""
+    return _resize_grouped(frames, size, lambda x, h, w: F.interpolate(
+        x, size=(h, w), mode="bilinear", align_corners=False, antialias=True))
+
+
+def _resize_grouped(frames: Sequence[torch.Tensor], size: tuple[int, int],
+                    resize: Callable[[torch.Tensor, int, int], torch.Tensor]) -> torch.Tensor:
+    """(B,h,w,3) uint8 on the frames' device: frames of one shape go through ``resize`` ((b,3,H,W) float →
+    (b,3,h,w)) together; frames already at ``size`` are copied."""
     if not frames:
         raise ValueError("no frames")
     h, w = size
-    dev = frames[0].device
-    out = torch.empty((len(frames), h, w, 3), dtype=torch.uint8, device=dev)
+    out = torch.empty((len(frames), h, w, 3), dtype=torch.uint8, device=frames[0].device)
     for shape, idx in _groups(frames).items():
         if shape[:2] == (h, w):
             for i in idx:
                 out[i] = frames[i]
             continue
-        x = torch.stack([frames[i] for i in idx]).permute(0, 3, 1, 2).float()
-        y = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-        out[idx] = y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        x = torch.stack([frames[i] for i in idx]).permute(0, 3, 1, 2).float()  # (b,3,H,W)
+        out[idx] = resize(x, h, w).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
     return out
 
 
