@@ -87,17 +87,19 @@ class _ChildLoop(CaptureLoop):
         self.conn = conn
         self.ring = ring
         self.heartbeat_s = heartbeat_s
-        self._last_sent = time.monotonic()
+        # the last heartbeat: it carries the stage timers and skip counts, so it must go out every heartbeat_s
+        # even while frames flow (frames alone prove liveness but carry no stats)
+        self._last_hb = time.monotonic()
         self._skipped = 0
         self._read_s = 0.0
         self._prepare_s = 0.0
 
     def _send(self, event: dict[str, Any]) -> None:
         self.conn.send_bytes(b"J" + json.dumps(event, separators=(",", ":"), default=str).encode())
-        self._last_sent = time.monotonic()
 
     def _heartbeat(self, force: bool = False) -> None:
-        if force or time.monotonic() - self._last_sent >= self.heartbeat_s:
+        if force or time.monotonic() - self._last_hb >= self.heartbeat_s:
+            self._last_hb = time.monotonic()
             self._send({"e": "hb", "skipped": self._skipped, "read_s": self._read_s, "prepare_s": self._prepare_s})
             self._skipped = 0
             self._read_s = self._prepare_s = 0.0
@@ -153,7 +155,6 @@ class _ChildLoop(CaptureLoop):
             self._send({"e": "count", "what": "too_large", "seq": seq, "info": {"error": str(exc)}})
             return
         self.conn.send_bytes(b"F" + _FRAME.pack(slot, seq))
-        self._last_sent = now
         self._heartbeat()
 
 

@@ -238,3 +238,17 @@ def test_cameras_started_together_wait_at_the_gate_then_read(folder):
         for c in cams:
             c.join(10)
         col.close()
+
+
+def test_stage_timers_reach_the_daemon_while_frames_flow(folder):
+    """The child's read/prepare timers travel in its heartbeats: they must go out on time even when frames
+    arrive faster than the heartbeat interval (a frame alone proves liveness but carries no timers)."""
+    cam, m, col, states = start_process(cam_cfg(folder, fps=200, on_end="loop"))
+    try:
+        wait_until(lambda: cam.state == "up", 60, what="the camera to come up")
+        wait_until(lambda: value(m, "linewatch_stage_seconds_total", stage="read") > 0, 4 * TIMEOUT_S,
+                   what="read timers from a camera delivering 200 fps")
+        assert cam.state == "up"  # still streaming: the timers did not wait for the end of the replay
+        assert value(m, "linewatch_stage_seconds_total", stage="prepare") > 0
+    finally:
+        stop(cam, col)
