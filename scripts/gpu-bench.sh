@@ -126,9 +126,10 @@ out.write_text(json.dumps(res, indent=2) + "\n")
 print(json.dumps(res, indent=2))
 PY
 
-# 2. the bench, per backbone: bare eager + bare graph (sweep to 256), raw / files / jpeg with $CAMERAS cameras
+# 2. the bench, per backbone: bare eager + bare graph (sweep to 256), raw / files / jpeg with $CAMERAS cameras;
+#    files and jpeg in capture processes as the daemon runs them (free-running; drops reported), raw in threads
 for backbone in mobilenet_v2 resnet18; do
-  timeout 150 $LINEWATCH bench --device cuda --backbone "$backbone" --cameras "$CAMERAS" \
+  timeout 150 $LINEWATCH bench --device cuda --backbone "$backbone" --cameras "$CAMERAS" --capture process \
     --modes bare,linewatch-raw,linewatch-files,linewatch-jpeg --duration "$DURATION" --rounds 1 --warmup 2 \
     --sweep-s 0.5 --images "$BOTTLE/test" --profile --quiet --json "$OUT/bench-$backbone.json" \
     > "$OUT/bench-$backbone.txt" || echo "bench $backbone: FAILED or timed out (rc $?)"

@@ -37,7 +37,11 @@ def _register_bench(subparsers: argparse._SubParsersAction) -> None:
                    "wide_resnet50_2 (random-init teacher, labelled, where its ImageNet weights are missing)")
     p.add_argument("--input-size", type=parse_size, default=(256, 256), help="without --model (default 256)")
     p.add_argument("--batch", type=int, help="max batch for bare and the daemon (default: the best bare batch)")
-    p.add_argument("--cameras", type=int, default=1, help="cameras (capture threads) in the streaming modes")
+    p.add_argument("--cameras", type=int, default=1, help="cameras in the streaming modes")
+    p.add_argument("--capture", default="process", choices=list(bench.CAPTURE_MODES),
+                   help="how linewatch-files/-jpeg capture: process (default, as the daemon: dir:// cameras in "
+                   "capture processes, free-running, drops reported) or thread (capture threads triggered when "
+                   "there is room); linewatch-raw always uses threads")
     p.add_argument("--duration", type=float, default=20.0, help="seconds measured per mode per round (default 20)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3); medians are reported")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of streaming before measuring (default 3)")

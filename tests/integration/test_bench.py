@@ -11,7 +11,8 @@ import pytest
 from linewatch.tools.harness import ROOT, subprocess_env, write_images
 
 MODE_FIELDS = {"mode", "images_per_s", "rounds", "batch", "notes", "latency_ms", "profile_ms", "cpu_ms", "dropped",
-               "fail_fraction", "rss_mb_at_60s", "rss_mb_end", "rss_samples", "cpu_ms_per_image"}
+               "fail_fraction", "rss_mb_at_60s", "rss_mb_end", "rss_samples", "cpu_ms_per_image", "capture",
+               "captured_per_s", "verdicts"}
 STAGES = {"read", "prepare", "queue_wait", "preprocess", "forward", "postprocess", "publish"}
 
 
@@ -56,6 +57,49 @@ def test_bench_short_runs_and_its_json_has_every_field(tmp_path):
     assert set(res["rss_mb"]) == {"before_streaming", "peak", "end", "end_anon", "end_file"}
     assert res["model"]["input_size"] == [64, 64] and res["model"]["engine"] in ("jit", "eager")
     assert res["threads"]["torch"] >= 1 and res["images"]["files"] == 8
+    # the default capture is the daemon's: files in capture processes; raw frames (no decode) in threads
+    assert res["capture"] == "process"
+    assert res["modes"]["linewatch-files"]["capture"] == "process"
+    assert res["modes"]["linewatch-raw"]["capture"] == res["modes"]["linewatch-raw-paced"]["capture"] == "thread"
+    assert res["modes"]["bare"]["capture"] is None
+
+
+def _bench_files(tmp_path, capture: str) -> dict:
+    images = tmp_path / "images"
+    write_images(images / "good", 4, size=(96, 128), seed=1)
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "linewatch.cli", "bench", "--short", "--input-size", "64", "--images", str(images),
+         "--json", str(out), "--quiet", "--profile", "--modes", "linewatch-files", "--capture", capture],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"json": json.loads(out.read_text()), "stdout": proc.stdout}
+
+
+@pytest.mark.slow
+def test_bench_files_in_capture_processes_as_the_daemon(tmp_path):
+    run = _bench_files(tmp_path, "process")
+    res = run["json"]
+    assert res["capture"] == "process" and set(res["modes"]) == {"linewatch-files"}
+    files = res["modes"]["linewatch-files"]
+    assert MODE_FIELDS <= set(files)
+    assert files["capture"] == "process" and files["verdicts"] > 0 and files["latency_ms"]["n"] > 0
+    # decoding happened in the capture processes: their CPU is measured, and no frame came from a bench camera
+    assert files["cpu_ms"]["capture processes"] > 0 and "capture" not in files["cpu_ms"]
+    # free-running cameras: they delivered at least what was inspected; what the daemon could not take is dropped
+    assert files["captured_per_s"] >= files["images_per_s"] > 0
+    assert "free-running" in files["notes"] and "capture processes" in files["notes"]
+    assert "capture: --capture process" in run["stdout"] and "linewatch-files (capture process)" in run["stdout"]
+
+
+@pytest.mark.slow
+def test_bench_files_in_capture_threads_on_request(tmp_path):
+    res = _bench_files(tmp_path, "thread")["json"]
+    files = res["modes"]["linewatch-files"]
+    assert res["capture"] == files["capture"] == "thread" and files["verdicts"] > 0
+    assert "capture processes" not in files["cpu_ms"] and "capture" in files["cpu_ms"]  # the capture thread
+    assert "triggered when there is room" in files["notes"]
 
 
 def test_bench_refuses_a_missing_images_folder(tmp_path):

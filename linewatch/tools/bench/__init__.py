@@ -27,9 +27,17 @@ figure is the median over the rounds and each ratio the median of the per-round 
 On CUDA (``--device cuda``) the batch sweep goes up to 256 and ``bare`` is also timed with the eager and the
 graph engine at the best batch (``bare[eager]``, ``bare[graph]``): the floor with and without CUDA graphs.
 
-The streaming modes measure capacity: each camera is *triggered when the pipeline has room* (its source
-waits for a free slot in its frame queue) — a camera running exactly as fast as linewatch can inspect. A
-free-running camera faster than that would also pay for preparing frames that are then dropped.
+Capture (``--capture``, default ``process`` as in the daemon): with ``process`` the file modes run real
+``dir://`` cameras in capture processes (``capture.mode: process``: decode off the daemon's GIL); with
+``thread`` they run in capture threads, as ``linewatch-raw`` always does (its frames need no decode). Each
+mode's ``capture`` field in the JSON says which it used.
+
+The streaming modes measure capacity. In threads each camera is *triggered when the pipeline has room* (its
+source waits for a free slot in its frame queue) — a camera running exactly as fast as linewatch can
+inspect. A capture process cannot wait for room in the daemon's queue, so there the cameras are
+*free-running* at up to 1000 fps each and the frames the daemon cannot take are dropped (``queue_full``,
+reported next to the rate); the rate is still what the daemon inspects, but the capture processes also
+pay for decoding the frames that are dropped (their CPU is reported apart: ``capture processes``).
 Throughput counts verdicts received by the subscriber; latency is subscriber receipt − capture time.
 
 Without ``--model`` an untrained model is built on the fly (speed does not depend on training); its
@@ -69,12 +77,20 @@ from linewatch.tools.bench.loops import (
 )
 from linewatch.tools.bench.report import ModeSummary, format_report
 from linewatch.tools.bench.stats import median, peak_rss_mb, percentile, rss_mb
-from linewatch.tools.bench.stream import PACED, STREAM_MODES, run_stream
+from linewatch.tools.bench.stream import (
+    CAPTURE_MODES,
+    CAPTURE_PROCESSES,
+    PACED,
+    PROCESS_FPS,
+    STREAM_MODES,
+    capture_for,
+    run_stream,
+)
 
 if TYPE_CHECKING:
     from linewatch.model import Detector
 
-__all__ = ["ALL_MODES", "DEFAULT_IMAGES", "MODES", "TARGETS", "format_report", "run_bench"]
+__all__ = ["ALL_MODES", "CAPTURE_MODES", "DEFAULT_IMAGES", "MODES", "TARGETS", "format_report", "run_bench"]
 
 MODES = ("bare", "naive", "linewatch-raw", "linewatch-files")  # the default set
 ALL_MODES = (*MODES, "linewatch-jpeg")
@@ -94,6 +110,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     bad = [m for m in modes if m not in ALL_MODES]
     if bad:
         raise LinewatchError(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(ALL_MODES)}")
+    capture = getattr(args, "capture", "process")
+    if capture not in CAPTURE_MODES:
+        raise LinewatchError(f"unknown capture {capture!r}; choose from {', '.join(CAPTURE_MODES)}")
     cuda = resolve_device(args.device).type == "cuda"  # --device cuda without a GPU: a one-line error, here
     if args.short:
         args.duration = min(args.duration, 1.0)
@@ -188,7 +207,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 rounds[m].append(run_stream(m, det, args, batch, threads, raw_frames,
                                             jpeg_folder if m == "linewatch-jpeg" else folder, args.duration,
-                                            args.warmup))
+                                            args.warmup, capture=capture_for(m, capture)))
             _progress(args, r, m, rounds[m][-1])
             if m == "linewatch-raw" and paced and rounds[m][-1].images_per_s > 0:
                 # the same daemon with cameras free-running below capacity: latency as on a line that
@@ -215,18 +234,31 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                     dropped[reason] = dropped.get(reason, 0) + n
             verdicts = sum(v.verdicts for v in vals)
             at60 = [mb for v in vals for t, mb, _ in v.rss_mb if 59.5 <= t <= 61.5]
+            cap = capture_for(k, capture)
+            if k == PACED:
+                how = f"free-running at {args.latency_load:g} x linewatch-raw's rate"
+            elif cap == "process":
+                how = f"free-running at up to {PROCESS_FPS:g} fps each (a process cannot wait for room)"
+            else:
+                how = "triggered when there is room"
+            where = ("capture processes" if cap == "process"
+                     else "capture threads (raw frames: no decode)" if k.startswith("linewatch-raw")
+                     else "capture threads")
+            proc_cpu = cpu.get("(process)")
+            if proc_cpu is not None and cap == "process":  # the children's CPU counts toward CPU per image
+                proc_cpu += cpu.get(CAPTURE_PROCESSES) or 0.0
             summaries[k] = ModeSummary(
                 k, median(rates), [round(x, 2) for x in rates], batch,
-                notes=(f"{args.cameras} camera(s) " + (f"free-running at {args.latency_load:g} x linewatch-raw's rate"
-                                                       if k == PACED else "triggered when there is room")
+                notes=(f"{where}; {args.cameras} camera(s) {how}"
                        + f", queue {max(1, math.ceil(batch / args.cameras))}/camera"),
+                capture=cap, captured_per_s=median([v.captured / args.duration for v in vals]), verdicts=verdicts,
                 latency_ms={"p50": percentile(lat, 50), "p95": percentile(lat, 95), "p99": percentile(lat, 99),
                             "n": len(lat)},
                 profile_ms=profile, cpu_ms=cpu, dropped=dropped,
                 fail_fraction=(sum(v.fails for v in vals) / verdicts) if verdicts else None,
                 rss_mb_at_60s=at60[0] if at60 else None, rss_mb_end=vals[-1].rss_mb[-1][1] if vals else None,
                 rss_samples=[list(x) for x in vals[-1].rss_mb] if vals else None,
-                cpu_ms_per_image=cpu.get("(process)"))
+                cpu_ms_per_image=proc_cpu)
         else:
             summaries[k] = ModeSummary(k, median(rates), [round(x, 2) for x in rates], 1 if k == "naive" else batch,
                                        cpu_ms_per_image=median([v.cpu_ms_per_image for v in vals]))
@@ -263,6 +295,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "device": _device_info(det.device),
         "threads": {"torch": threads, "torch_interop": 1, "opencv": 1, "cpus": os.cpu_count()},
         "cameras": args.cameras,
+        "capture": capture,
         "batch": batch,
         "batch_sweep": {str(b): round(v, 2) for b, v in sweep.items()},
         "images": {"dir": str(images_dir), "files": len(paths), "raw_frames": len(raw_frames),

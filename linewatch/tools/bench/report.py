@@ -23,7 +23,10 @@ class ModeSummary:
     rss_mb_at_60s: float | None = None
     rss_mb_end: float | None = None
     rss_samples: list[list[float]] | None = None  # [seconds into the last round's window, RSS MB, RssAnon MB]
-    cpu_ms_per_image: float | None = None  # process CPU per image (all threads)
+    cpu_ms_per_image: float | None = None  # process CPU per image (all threads, plus any capture processes)
+    capture: str | None = None  # streaming modes: "process" or "thread" (capture.mode the daemon ran with)
+    captured_per_s: float | None = None  # streaming modes: frames the cameras delivered per s (dropped included)
+    verdicts: int | None = None  # streaming modes: verdicts the subscriber received in the measured windows
 
 
 def _fmt(v: float | None, spec: str = ".2f") -> str:
@@ -43,6 +46,12 @@ def format_report(res: dict[str, Any], profile: bool = False) -> str:
         f"({res['images']['frame_size'][0]}x{res['images']['frame_size'][1]}; {res['images']['raw_frames']} "
         f"pre-decoded for linewatch-raw); {res['rounds']} round(s) x {res['duration_s']:g} s per mode, medians",
     ]
+    if res.get("capture"):
+        lines.append(f"capture: --capture {res['capture']} ("
+                     + ("linewatch-files/-jpeg in capture processes as the daemon runs them, free-running (a process "
+                        "cannot wait for room: what the daemon cannot take is dropped, shown next to the rate)"
+                        if res["capture"] == "process" else "linewatch-files/-jpeg in capture threads, triggered")
+                     + "; linewatch-raw always in threads: its frames need no decode)")
     if res["batch_sweep"]:
         sweep = ", ".join(f"{b}: {v:.1f}" for b, v in res["batch_sweep"].items())
         lines.append(f"bare batch sweep (images/s): {sweep}")
@@ -59,6 +68,12 @@ def format_report(res: dict[str, Any], profile: bool = False) -> str:
                 note += f"; {100 * v['fail_fraction']:.0f}% fail"
             if v.get("dropped"):
                 note += f"; dropped {v['dropped']}"
+                span = res["duration_s"] * len(v["rounds"])
+                if v.get("capture") == "process" and span:
+                    n = sum(v["dropped"].values())
+                    note += f" ({n / span:.1f}/s while free-running)"
+            if v.get("capture") == "process" and v.get("captured_per_s") is not None:
+                note += f"; cameras delivered {v['captured_per_s']:.1f} frames/s"
         lines.append(f"{k:18s} {_fmt(v['images_per_s'], '9.2f')} {cpu:>10s}   {rounds:24s} {note}")
     r, t, lat = res["ratios"], res["targets"], res["latency"]
     lines += ["",
@@ -89,25 +104,36 @@ def format_report(res: dict[str, Any], profile: bool = False) -> str:
     lines.append(line)
     if profile:
         lines += ["", "where a frame's time goes (ms per frame, medians over rounds; capture stages run in the",
-                  "camera threads, preprocess/forward/postprocess in the worker, publish in the publisher thread):"]
+                  "camera threads or processes, preprocess/forward/postprocess in the worker, publish in the "
+                  "publisher thread):"]
         for k in STREAM_MODES:
             v = res["modes"].get(k)
             if not v or not v.get("profile_ms"):
                 continue
             p = v["profile_ms"]
-            lines.append(f"  {k}: " + ", ".join(f"{s} {_fmt(p.get(s), '.2f')}" for s in p))
+            lines.append(f"  {k} (capture {v.get('capture') or 'thread'}): "
+                         + ", ".join(f"{s} {_fmt(p.get(s), '.2f')}" for s in p))
             cap = (p.get("read") or 0) + (p.get("prepare") or 0)
             work = (p.get("preprocess") or 0) + (p.get("forward") or 0) + (p.get("postprocess") or 0)
             rate = v.get("images_per_s")
             per = 1000.0 / rate if rate else None
-            lines.append(f"    busy per frame: capture {cap:.2f} ms (shared by {res['cameras']} camera thread(s)), "
+            unit = "capture process(es), incl. frames later dropped" if v.get("capture") == "process" \
+                else "camera thread(s)"
+            lines.append(f"    busy per frame: capture {cap:.2f} ms (shared by {res['cameras']} {unit}), "
                          f"worker {work:.2f} ms, publisher {_fmt(p.get('publish'), '.2f')} ms; "
                          f"a verdict every {_fmt(per, '.2f')} ms")
             cpu = v.get("cpu_ms") or {}
+            children = cpu.get("capture processes")
+            if v.get("capture") == "process" and children is not None and rate and v.get("captured_per_s"):
+                # the children's stage times reach the daemon only in heartbeats, which frames in flow replace:
+                # their CPU per frame they delivered is the measure of capture's own cost here
+                lines.append(f"    capture processes: {children * rate / v['captured_per_s']:.2f} ms CPU per frame "
+                             f"read ({v['captured_per_s']:.1f} frames/s delivered, {rate:.1f} verdicts/s)")
             if cpu:
                 total = cpu.get("(process)")
                 parts = ", ".join(f"{k} {_fmt(x, '.2f')}" for k, x in sorted(cpu.items(), key=lambda kv: -(kv[1] or 0))
-                                  if k != "(process)" and (x or 0) >= 0.005)
+                                  if k not in ("(process)", "capture processes") and (x or 0) >= 0.005)
                 lines.append(f"    CPU per frame (what the kernel ran, waits excluded): {parts}; "
-                             f"whole process {_fmt(total, '.2f')} ms")
+                             f"whole process {_fmt(total, '.2f')} ms"
+                             + (f" (+ capture processes {children:.2f} ms)" if children is not None else ""))
     return "\n".join(lines)

@@ -48,6 +48,20 @@ def thread_cpu_s() -> dict[str, float]:
     return out
 
 
+def pid_cpu_s(pids: list[int]) -> dict[int, float]:
+    """CPU seconds (user + system) of each of these processes (the capture processes), from /proc; a process
+    that is gone is left out."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[pid] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (ru_maxrss, KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
