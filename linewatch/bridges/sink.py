@@ -13,9 +13,9 @@ from typing import Generic, TypeVar
 
 import structlog
 
+from linewatch.backoff import backoff_delay
 from linewatch.bridges.telemetry import BridgeMetrics
 from linewatch.messages import Status, Verdict
-from linewatch.service.capture import backoff_delay
 from linewatch.service.config import ReconnectConfig
 
 T = TypeVar("T")

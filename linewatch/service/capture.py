@@ -24,8 +24,9 @@ from collections.abc import Callable
 import numpy as np
 import structlog
 
+from linewatch.backoff import backoff_delay
 from linewatch.imaging.images import resize, to_rgb8
-from linewatch.service.config import CameraConfig, ReconnectConfig
+from linewatch.service.config import CameraConfig
 from linewatch.service.frames import (
     Frame,
     FrameDecodeError,
@@ -67,13 +68,6 @@ def prepare(raw: RawFrame, roi: tuple[int, int, int, int] | None, input_size: tu
     small = resize(img, input_size) if input_size is not None else img
     small = np.ascontiguousarray(small) if raw.rgb and small.ndim == 3 and small.shape[2] == 3 else to_rgb8(small)
     return small, (w, h), eff
-
-
-def backoff_delay(attempt: int, policy: ReconnectConfig, rng: random.Random) -> float:
-    """initial·2^attempt, capped at max_s, ± jitter (never above the cap)."""
-    base = policy.initial_s * (2 ** min(attempt, 32))
-    jittered = base * (1.0 + rng.uniform(-policy.jitter, policy.jitter))
-    return max(0.0, min(policy.max_s, jittered))
 
 
 # --------------------------------------------------------------------------- the read loop

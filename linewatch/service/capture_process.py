@@ -37,7 +37,8 @@ from typing import Any
 
 import structlog
 
-from linewatch.service.capture import CameraStatus, CaptureLoop, StateCallback, backoff_delay, prepare
+from linewatch.backoff import backoff_delay
+from linewatch.service.capture import CameraStatus, CaptureLoop, StateCallback, prepare
 from linewatch.service.config import CameraConfig
 from linewatch.service.frames import Frame, FrameQueue, RawFrame
 from linewatch.service.shm import FrameRing, SlotTooSmall

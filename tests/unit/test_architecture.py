@@ -14,7 +14,7 @@ DOC = ROOT / "docs" / "architecture.md"
 
 # floor of each top-level room (linewatch.<room>); a module may import its own floor and the floors below
 FLOORS = {
-    "__init__": 0, "errors": 0, "messages": 0, "security": 0, "logsetup": 0, "wheels": 0, "imaging": 0,
+    "__init__": 0, "errors": 0, "messages": 0, "security": 0, "logsetup": 0, "wheels": 0, "imaging": 0, "backoff": 0,
     "model": 1,
     "station": 2, "service": 2, "client": 2,
     "bridges": 3, "view": 3,

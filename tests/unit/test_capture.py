@@ -12,7 +12,8 @@ import pytest
 import structlog
 from fakes import MJPEGCamera
 
-from linewatch.service.capture import CameraThread, backoff_delay, prepare
+from linewatch.backoff import backoff_delay
+from linewatch.service.capture import CameraThread, prepare
 from linewatch.service.config import CameraConfig, ReconnectConfig
 from linewatch.service.frames import Frame, FrameQueue, RawFrame, SourceError
 from linewatch.service.sources.files import DirSource
