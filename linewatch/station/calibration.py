@@ -282,6 +282,8 @@ def calibrate_station(normal_dir: str | os.PathLike, out: str | os.PathLike, opt
     log.info("calibrate_split", n_images=n, n_train=len(train_idx), n_val=len(val_idx), n_cal=len(cal_idx),
              skipped=len(data.skipped), input_size=list(model_size), tiles_per_frame=tiling.n_tiles if tiling else 0)
     blur = opts.blur_sigma if opts.blur_sigma is not None else default_blur_sigma(model_size)
+    # the students' random initialisation is part of the recipe: seeded, the same images give the same station
+    torch.manual_seed(opts.train.seed)
     model = STFPM(opts.backbone, teacher=teacher, n_students=opts.n_students, input_size=model_size,
                   mean=IMAGENET_MEAN, std=IMAGENET_STD, blur_sigma=blur, score=opts.score)
     train_images, val_images = data.images[train_idx], data.images[val_idx]
