@@ -57,10 +57,11 @@ test: weights sysdeps
 	$(BIN)/ruff check linewatch tests
 	$(BIN)/pytest -q
 
-# The fast loop while editing: unit tests only (no daemon process, no Debian packages), under a minute.
+# The fast loop while editing: unit tests only (no daemon process, no Debian packages), without the ones marked
+# slow (fuzzing, a trained-model measurement), under a minute. `make test` runs those too.
 test-fast: weights
 	$(BIN)/ruff check linewatch tests
-	$(BIN)/pytest -q tests/unit
+	$(BIN)/pytest -q -m "not slow" tests/unit
 
 # The main job end to end on real data: calibrate a station on good ELPV solar cells (fetched from
 # PyPI), stream held-out good and defective cells through the real daemon, print verdicts and a summary.

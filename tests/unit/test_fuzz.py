@@ -36,6 +36,8 @@ from linewatch.messages import (
 from linewatch.model import load_bundle
 from linewatch.service.config import LinewatchConfig, config_from_dict, load_config
 
+pytestmark = pytest.mark.slow  # hypothesis runs hundreds of cases: make test runs them, make test-fast not
+
 
 def fuzz(n: int) -> settings:
     return settings(max_examples=n, deadline=None,
