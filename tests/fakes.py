@@ -242,3 +242,22 @@ def drain_worker(frames, det, *, max_batch: int = 8, queue_size: int = 1000, dra
     w.join(join_s)
     assert not w.is_alive()
     return sink.items, m, w
+
+
+class QueueDrainer:
+    """Takes frames off a FrameQueue in the background (the worker's part in capture tests); keeps them."""
+
+    def __init__(self, q):
+        self.q = q
+        self.frames: list = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.frames.extend(self.q.get_batch(64, 0.0, 0.05))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._t.join(5)

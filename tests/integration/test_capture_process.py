@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import StallingSource
+from fakes import QueueDrainer, StallingSource, value
 
 from linewatch.service.capture import CameraThread
 from linewatch.service.capture_process import CameraProcess
 from linewatch.service.config import CameraConfig
-from linewatch.service.frames import Frame, FrameQueue
+from linewatch.service.frames import FrameQueue
 from linewatch.service.telemetry.prometheus import Metrics
 from linewatch.tools.harness import wait_until, write_images
 
@@ -29,30 +29,6 @@ def shm_names() -> set[str]:
     return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("psm_")}
 
 
-def value(m: Metrics, name: str, **labels) -> float:
-    v = m.registry.get_sample_value(name, labels)
-    return 0.0 if v is None else v
-
-
-class Collector:
-    """Takes frames off the queue in the background (the worker's part)."""
-
-    def __init__(self, q: FrameQueue):
-        import threading
-
-        self.q = q
-        self.frames: list[Frame] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.frames.extend(self.q.get_batch(64, 0.0, 0.05))
-
-    def close(self):
-        self._stop.set()
-        self._t.join(5)
 
 
 class States:
@@ -86,7 +62,7 @@ def start_process(cfg: CameraConfig, *, source_ref: str | None = None, slots: in
     states = States()
     cam = CameraProcess(cfg, q, m, INPUT, slots=slots, slot_bytes=INPUT[0] * INPUT[1] * 3, on_state=states,
                         source_ref=source_ref, rng=random.Random(0))
-    col = Collector(q)
+    col = QueueDrainer(q)
     cam.start()
     return cam, m, col, states
 
@@ -197,7 +173,7 @@ def test_thread_mode_watchdog_reports_a_blocked_read_and_reopens_when_it_returns
     src = StallingSource(str(folder))
     cam = CameraThread(cam_cfg(folder, on_end="loop"), q, m, INPUT, on_state=states, source=src,
                        rng=random.Random(0))
-    col = Collector(q)
+    col = QueueDrainer(q)
     cam.start()
     try:
         wait_until(lambda: cam.state == "up" and len(col.frames) > 3, 30, what="frames")
@@ -224,7 +200,7 @@ def test_cameras_started_together_wait_at_the_gate_then_read(folder):
     gate = start_gate()
     cams = [CameraProcess(cam_cfg(folder, name=f"c{i}", on_end="loop", fps=50), q, m, INPUT, slots=4,
                           slot_bytes=INPUT[0] * INPUT[1] * 3, gate=gate) for i in range(2)]
-    col = Collector(q)
+    col = QueueDrainer(q)
     for c in cams:
         c.start()
     try:

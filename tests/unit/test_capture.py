@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import structlog
-from fakes import MJPEGCamera
+from fakes import MJPEGCamera, QueueDrainer
 
 from linewatch.backoff import backoff_delay
 from linewatch.service.capture import CameraThread, prepare
@@ -111,23 +111,6 @@ def test_backoff_grows_is_capped_and_jittered():
 # --------------------------------------------------------------------------- camera threads
 
 
-class Collector:
-    """Drains a FrameQueue in the background (the worker's role in these tests)."""
-
-    def __init__(self, q: FrameQueue):
-        self.q = q
-        self.frames: list[Frame] = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.frames.extend(self.q.get_batch(64, 0.0, 0.05))
-
-    def stop(self):
-        self._stop.set()
-        self._t.join(5)
 
 
 def camera(tmp_path_or_source, name="cam", **kw) -> CameraConfig:
@@ -208,7 +191,7 @@ def test_folder_that_disappears_and_returns_reconnects(tmp_path):
     folder, away = tmp_path / "imgs", tmp_path / "away"
     write_images(folder, 3)
     m, q, states = Metrics(), FrameQueue(1000), []
-    col = Collector(q)
+    col = QueueDrainer(q)
     cam = run_camera(camera(f"dir://{folder}", on_end="loop", fps=100), q, m, states)
     try:
         wait_until(lambda: len(col.frames) >= 3, 10, what="first frames")
@@ -224,7 +207,7 @@ def test_folder_that_disappears_and_returns_reconnects(tmp_path):
     finally:
         cam.stop()
         cam.join(5)
-        col.stop()
+        col.close()
     assert states[:3] == ["up", "down", "up"]
     seqs = [f.sequence for f in col.frames]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)  # monotonic across the reconnect
@@ -299,7 +282,7 @@ def test_mjpeg_server_stopped_and_restarted_reconnects():
     srv = MJPEGCamera()
     port = srv.port
     m, q, states = Metrics(), FrameQueue(10_000), []
-    col = Collector(q)
+    col = QueueDrainer(q)
     cam = run_camera(camera(f"http://127.0.0.1:{port}/stream", timeout_s=1), q, m, states)
     try:
         wait_until(lambda: len(col.frames) >= 3, 10, what="first frames")
@@ -313,7 +296,7 @@ def test_mjpeg_server_stopped_and_restarted_reconnects():
         cam.stop()
         cam.join(5)
         srv.stop()
-        col.stop()
+        col.close()
     assert states[:3] == ["up", "down", "up"]
     assert value(m, "linewatch_reconnects_total", camera="cam") >= 1
     seqs = [f.sequence for f in col.frames]
