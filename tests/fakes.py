@@ -261,3 +261,29 @@ class QueueDrainer:
     def close(self) -> None:
         self._stop.set()
         self._t.join(5)
+
+
+# --------------------------------------------------------------------------- the command line, as a user runs it
+
+
+def run_cli(*args, check: bool = True, timeout: float = 600):
+    """`linewatch ARGS...` in a subprocess; with ``check``, a non-zero exit fails with its output."""
+    import subprocess
+
+    from linewatch.tools.harness import linewatch_cmd, subprocess_env
+
+    p = subprocess.run(linewatch_cmd(*map(str, args)), capture_output=True, text=True, env=subprocess_env(),
+                       timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def assert_one_line_error(p, *needles: str) -> None:
+    """A user mistake: exit 2, no traceback, exactly one `linewatch: error:` line naming each needle."""
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr
+    err = [ln for ln in p.stderr.splitlines() if ln.startswith("linewatch: error:")]
+    assert len(err) == 1, p.stderr
+    for n in needles:
+        assert n in err[0], err[0]

@@ -9,32 +9,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from fakes import assert_one_line_error, run_cli
 
 LINEWATCH = [sys.executable, "-m", "linewatch.cli"]
 
 
-def run(*args, check=True):
-    env = dict(os.environ)
-    p = subprocess.run([*LINEWATCH, *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
-    return p
-
-
-def assert_user_error(p, *needles):
-    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-    assert "Traceback" not in p.stderr
-    err = [ln for ln in p.stderr.splitlines() if ln.startswith("linewatch: error:")]
-    assert len(err) == 1, p.stderr
-    for n in needles:
-        assert n in err[0], err[0]
 
 
 def test_calibrate_evaluate_infer_end_to_end(bottle, tmp_path):
     model = tmp_path / "bottle.lwm"
     # a small subset, two epochs: the plumbing end to end, not the accuracy
-    p = run("calibrate", "--normal-dir", bottle / "train" / "good", "--out", model, "--input-size", "64",
-            "--epochs", "2", "--max-images", "40", "--cal-fraction", "0.3", "--quiet", "--device", "cpu",
+    p = run_cli("calibrate", "--normal-dir", bottle / "train" / "good", "--out", model, "--input-size", "64",
+                "--epochs", "2", "--max-images", "40", "--cal-fraction", "0.3", "--quiet", "--device", "cpu",
             "--defect-dir", bottle / "test" / "broken_large")
     assert model.is_file()
     out = p.stdout
@@ -44,7 +30,7 @@ def test_calibrate_evaluate_infer_end_to_end(bottle, tmp_path):
         assert needle in out, out
 
     js = tmp_path / "eval.json"
-    p = run("evaluate", "--model", model, "--mvtec", bottle, "--json", js)
+    p = run_cli("evaluate", "--model", model, "--mvtec", bottle, "--json", js)
     assert "image AUROC" in p.stdout and "PRO" in p.stdout
     r = json.loads(js.read_text())
     assert r["n_good"] == 20 and r["n_defect"] == 63
@@ -53,8 +39,8 @@ def test_calibrate_evaluate_infer_end_to_end(bottle, tmp_path):
 
     # thresholds-only re-fit writes a new file, same weights
     refit = tmp_path / "refit.lwm"
-    p = run("calibrate", "--model", model, "--thresholds-only", "--normal-dir", bottle / "test" / "good",
-            "--out", refit, "--quiet", "--device", "cpu")
+    p = run_cli("calibrate", "--model", model, "--thresholds-only", "--normal-dir", bottle / "test" / "good",
+                "--out", refit, "--quiet", "--device", "cpu")
     assert "calibration 20" in p.stdout and refit.is_file()
 
     corrupt = tmp_path / "inputs"
@@ -63,8 +49,8 @@ def test_calibrate_evaluate_infer_end_to_end(bottle, tmp_path):
     gray = cv2.cvtColor(cv2.imread(str(bottle / "test" / "good" / "001.png")), cv2.COLOR_BGR2GRAY)
     cv2.imwrite(str(corrupt / "gray.png"), gray)
     out_dir = tmp_path / "infer"
-    p = run("infer", "--model", model, "--out", out_dir, bottle / "test" / "good" / "000.png",
-            bottle / "test" / "broken_large" / "000.png", corrupt)
+    p = run_cli("infer", "--model", model, "--out", out_dir, bottle / "test" / "good" / "000.png",
+                bottle / "test" / "broken_large" / "000.png", corrupt)
     assert "SKIP  unreadable image:" in p.stdout and "broken.png" in p.stdout
     rows = json.loads((out_dir / "results.json").read_text())
     assert len(rows) == 3
@@ -79,20 +65,20 @@ def test_calibrate_evaluate_infer_end_to_end(bottle, tmp_path):
 def test_user_mistakes_are_one_line_errors(tmp_path, bottle):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_user_error(run("calibrate", "--normal-dir", empty, "--out", tmp_path / "m.lwm", check=False),
-                      "no images", str(empty))
-    assert_user_error(run("evaluate", "--model", tmp_path / "missing.lwm", "--mvtec", bottle, check=False),
-                      "missing.lwm", "not found")
+    assert_one_line_error(run_cli("calibrate", "--normal-dir", empty, "--out", tmp_path / "m.lwm", check=False),
+                          "no images", str(empty))
+    assert_one_line_error(run_cli("evaluate", "--model", tmp_path / "missing.lwm", "--mvtec", bottle, check=False),
+                          "missing.lwm", "not found")
     junk = tmp_path / "junk.lwm"
     junk.write_bytes(np.zeros(100, np.uint8).tobytes())
-    assert_user_error(run("infer", "--model", junk, "--out", tmp_path / "o", tmp_path, check=False),
-                      "corrupt")
+    assert_one_line_error(run_cli("infer", "--model", junk, "--out", tmp_path / "o", tmp_path, check=False),
+                          "corrupt")
     allbad = tmp_path / "allbad"
     allbad.mkdir()
     (allbad / "a.png").write_bytes(b"nope")
-    assert_user_error(run("calibrate", "--normal-dir", allbad, "--out", tmp_path / "m.lwm", check=False),
-                      "could be decoded")
-    assert_user_error(run("calibrate", "--normal-dir", bottle / "train" / "good", "--out", tmp_path / "m.lwm",
+    assert_one_line_error(run_cli("calibrate", "--normal-dir", allbad, "--out", tmp_path / "m.lwm", check=False),
+                          "could be decoded")
+    assert_one_line_error(run_cli("calibrate", "--normal-dir", bottle / "train" / "good", "--out", tmp_path / "m.lwm",
                           "--backbone", "vgg99", check=False), "unknown backbone")
 
 
@@ -100,10 +86,10 @@ def test_missing_teacher_weights_says_how_to_get_them(tmp_path, bottle):
     env = dict(os.environ, TORCH_HOME=str(tmp_path / "empty-torch-home"))
     p = subprocess.run([*LINEWATCH, "calibrate", "--normal-dir", str(bottle / "train" / "good"), "--out",
                         str(tmp_path / "m.lwm")], capture_output=True, text=True, env=env, timeout=120)
-    assert_user_error(p, "linewatch weights fetch")
+    assert_one_line_error(p, "linewatch weights fetch")
 
 
 @pytest.mark.parametrize("size", ["17", "abc", "4096"])
 def test_bad_input_size_is_rejected_by_the_parser(size, tmp_path):
-    p = run("calibrate", "--normal-dir", tmp_path, "--out", tmp_path / "m", "--input-size", size, check=False)
+    p = run_cli("calibrate", "--normal-dir", tmp_path, "--out", tmp_path / "m", "--input-size", size, check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr

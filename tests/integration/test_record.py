@@ -6,29 +6,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 
 import cv2
 import yaml
+from fakes import assert_one_line_error, run_cli
 
-from linewatch.tools.harness import linewatch_cmd, subprocess_env, write_config
-
-
-def run(*args, check=True):
-    p = subprocess.run(linewatch_cmd(*map(str, args)), capture_output=True, text=True, env=subprocess_env(),
-                       timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
-    return p
-
-
-def one_line_error(p, *needles):
-    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-    assert "Traceback" not in p.stderr
-    err = [ln for ln in p.stderr.splitlines() if ln.startswith("linewatch: error:")]
-    assert len(err) == 1, p.stderr
-    for n in needles:
-        assert n in err[0], err[0]
+from linewatch.tools.harness import write_config
 
 
 def test_record_calibrate_evaluate_round_trip(bottle, untrained_bundle, tmp_path):
@@ -36,8 +19,8 @@ def test_record_calibrate_evaluate_round_trip(bottle, untrained_bundle, tmp_path
     cams = [{"name": "line", "source": f"dir://{bottle / 'train' / 'good'}", "roi": roi}]
     cfg = write_config(tmp_path / "lw.yaml", untrained_bundle, cams)
     rec = tmp_path / "rec"
-    p = run("record", "--config", cfg, "--camera", "line", "--out", rec, "--count", 12, "--every", 2,
-            "--margin-mb", 0, "--quiet")
+    p = run_cli("record", "--config", cfg, "--camera", "line", "--out", rec, "--count", 12, "--every", 2,
+                "--margin-mb", 0, "--quiet")
     assert "recorded 12 images" in p.stdout and "--count reached" in p.stdout, p.stdout
     pngs = sorted(rec.glob("*.png"))
     assert [x.name for x in pngs] == [f"{i:06d}.png" for i in range(12)]
@@ -50,14 +33,15 @@ def test_record_calibrate_evaluate_round_trip(bottle, untrained_bundle, tmp_path
     assert framing["colour"] == "rgb" and framing["frames"] == 12 and framing["linewatch_version"]
 
     # the same folder again: refused, nothing overwritten
-    one_line_error(run("record", "--config", cfg, "--camera", "line", "--out", rec, "--count", 1, check=False),
-                   "not an empty folder")
-    one_line_error(run("record", "--config", cfg, "--camera", "nope", "--out", tmp_path / "x", check=False),
-                   "'nope'", "line")
+    assert_one_line_error(
+        run_cli("record", "--config", cfg, "--camera", "line", "--out", rec, "--count", 1, check=False),
+        "not an empty folder")
+    assert_one_line_error(run_cli("record", "--config", cfg, "--camera", "nope", "--out", tmp_path / "x", check=False),
+                          "'nope'", "line")
 
     model = tmp_path / "line.lwm"
-    p = run("calibrate", "--config", cfg, "--camera", "line", "--normal-dir", rec, "--out", model,
-            "--input-size", "64", "--epochs", "1", "--cal-fraction", "0.5", "--quiet", "--device", "cpu")
+    p = run_cli("calibrate", "--config", cfg, "--camera", "line", "--normal-dir", rec, "--out", model,
+                "--input-size", "64", "--epochs", "1", "--cal-fraction", "0.5", "--quiet", "--device", "cpu")
     assert "framing: roi [150, 150, 600, 600] of 900x900 frames (aspect 1.00, rgb)" in p.stdout, p.stdout
     threshold = re.search(r"image threshold: (\S+)", p.stdout).group(1)
     report = tmp_path / "line.lwm.report.html"
@@ -75,13 +59,14 @@ def test_record_calibrate_evaluate_round_trip(bottle, untrained_bundle, tmp_path
     moved["cameras"][0]["roi"] = [100, 100, 600, 300]
     cfg2 = tmp_path / "lw2.yaml"
     cfg2.write_text(yaml.safe_dump(moved))
-    one_line_error(run("calibrate", "--config", cfg2, "--camera", "line", "--normal-dir", rec, "--out",
-                       tmp_path / "m2.lwm", "--quiet", check=False), "recorded with roi", "re-record")
+    assert_one_line_error(run_cli("calibrate", "--config", cfg2, "--camera", "line", "--normal-dir", rec, "--out",
+                          tmp_path / "m2.lwm", "--quiet", check=False), "recorded with roi", "re-record")
 
     # labelled folders without masks: image metrics, and a plain word about the pixel ones
-    p = run("evaluate", "--model", model, "--good", bottle / "test" / "good", "--defect",
-            bottle / "test" / "broken_large", "--json", tmp_path / "e.json")
+    p = run_cli("evaluate", "--model", model, "--good", bottle / "test" / "good", "--defect",
+                bottle / "test" / "broken_large", "--json", tmp_path / "e.json")
     assert "image AUROC" in p.stdout and "needs --masks" in p.stdout and "pixel metrics" in p.stdout
     r = json.loads((tmp_path / "e.json").read_text())
     assert r["n_good"] == 20 and r["n_defect"] == 20 and 0 <= r["image_auroc"] <= 1 and r["has_masks"] is False
-    one_line_error(run("evaluate", "--model", model, "--good", bottle / "test" / "good", check=False), "--defect")
+    assert_one_line_error(run_cli("evaluate", "--model", model, "--good", bottle / "test" / "good", check=False),
+                          "--defect")
