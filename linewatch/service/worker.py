@@ -225,7 +225,7 @@ class InferenceWorker(threading.Thread):
         self.busy_since = start
         n = len(batch)
         handled = 0  # frames of the batch with a verdict or counted as lost
-        failed = 0
+        lost_alone = 0  # frames that ran out of memory on their own (no verdict)
         try:
             for i, f in enumerate(batch):
                 self.metrics.queue_wait.observe(start - f.enqueued)
@@ -247,17 +247,17 @@ class InferenceWorker(threading.Thread):
                     log.error("inference_failed", error=f"{type(exc).__name__}: {_first_line(exc)}", frames=1,
                               cameras=[f.camera], seq=[f.sequence], consecutive=self.consecutive_failures + 1)
                     handled += 1
-                    failed += 1
+                    lost_alone += 1
                     continue
                 t1 = time.monotonic()
                 self.metrics.inference.observe(t1 - t0)
                 self._stage["forward"].inc(t1 - t0)
                 self.metrics.batch_size.observe(size)
-                for amap, score, failed, fetch in self._batch_results(pred, size):
-                    self._verdict(batch[handled], amap, score, failed, fetch)
+                for amap, score, is_fail, fetch in self._batch_results(pred, size):
+                    self._verdict(batch[handled], amap, score, is_fail, fetch)
                     handled += 1
                 self._stage["postprocess"].inc(time.monotonic() - t1)
-            if failed == n:
+            if lost_alone == n:
                 raise _AllFailed()
             self.consecutive_failures = 0
         except Exception as exc:  # a bad batch must not end the daemon: count, log, go on

@@ -144,6 +144,25 @@ def test_inference_error_is_counted_and_the_worker_goes_on():
     assert value(m, "linewatch_frames_dropped_total", camera="a", reason="inference_error") == 3
 
 
+def test_a_batch_of_failing_parts_is_not_an_inference_failure():
+    """A batch whose frames all get a FAIL verdict is a good batch: no back-off, health unaffected.
+
+    Regression: a batch of one frame with a FAIL verdict was taken for "every frame lost", so the worker
+    slept 0.2 s, 0.4 s, … after each one (latency p50 199 ms in `make demo` instead of ~50 ms) and
+    ``healthy`` went false after a run of failing parts at a low rate."""
+    det = FakeDetector()
+    m, sink = Metrics(), Sink()
+    w = InferenceWorker(det, FrameQueue(10, m), sink, m, max_batch=4)
+    waits: list[float] = []
+    w._stop_event.wait = lambda t=None: waits.append(t) or False  # the back-off would land here
+    for s in range(8):
+        w.process([mk_frame("a", s, True)])
+    assert [v.verdict for v, _ in sink.items] == ["fail"] * 8
+    assert waits == [] and w.consecutive_failures == 0
+    w.process([mk_frame("a", s, True) for s in range(8, 11)])  # a whole batch of fails, too
+    assert waits == [] and w.consecutive_failures == 0 and len(sink.items) == 11
+
+
 def test_frames_left_after_the_drain_deadline_are_counted():
     items, m, _ = run_worker([mk_frame("a", s, False) for s in range(5)], deadline_s=-1.0)
     assert items == []
