@@ -9,8 +9,11 @@ both a training strip and a test strip; certainly-defective cells appear only in
     python scripts/make_elpv_strips.py --out data/elpv_strips            # fetches the elpv-dataset wheel
     python scripts/make_elpv_strips.py --elpv DIR/with/labels.csv --out OUT --seed 0
 
-Writes ``OUT/train/good``, ``OUT/test/good``, ``OUT/test/defect`` (no pixel masks: ELPV has none) and
-``OUT/strips.csv`` (which cells each strip is made of). The ELPV licence (CC BY-NC-SA 4.0) applies.
+Writes ``OUT/train/good``, ``OUT/test/good``, ``OUT/test/defect``, ``OUT/strips.csv`` (which cells each strip is
+made of) and ``OUT/test/cell_masks`` (``NNNN_mask.png``, white over the *whole* defective cell). ELPV has no
+pixel masks, so those cell masks are a coarse stand-in: pixel AUROC against them measures whether the map
+points at the right cell of four, not whether it outlines the crack (PRO against them means little).
+The ELPV licence (CC BY-NC-SA 4.0) applies.
 """
 
 from __future__ import annotations
@@ -59,24 +62,25 @@ def build(data: Path, out: Path, seed: int = 0, test_fraction: float = 0.3, n_te
     test_pool, train_pool = good[:n_test_cells], good[n_test_cells:]
     if len(train_pool) < CELLS_PER_STRIP or len(test_pool) < CELLS_PER_STRIP - 1:
         raise SystemExit(f"error: {len(good)} good mono cells are too few to build strips")
-    strips: list[tuple[str, list[Path]]] = []  # (split/label, cells)
+    strips: list[tuple[str, list[Path], int | None]] = []  # (split/label, cells, defective cell's index)
     for _ in range(train_rounds):  # each round uses every training cell once, in a new order
         order = [train_pool[i] for i in rng.permutation(len(train_pool))]
         for i in range(0, len(order) - CELLS_PER_STRIP + 1, CELLS_PER_STRIP):
-            strips.append(("train/good", order[i:i + CELLS_PER_STRIP]))
+            strips.append(("train/good", order[i:i + CELLS_PER_STRIP], None))
     for _ in range(n_test_good):
         idx = rng.choice(len(test_pool), CELLS_PER_STRIP, replace=False)
-        strips.append(("test/good", [test_pool[i] for i in idx]))
+        strips.append(("test/good", [test_pool[i] for i in idx], None))
     for k in range(min(n_test_defect, len(bad))):
         idx = rng.choice(len(test_pool), CELLS_PER_STRIP - 1, replace=False)
         cells = [test_pool[i] for i in idx]
-        cells.insert(int(rng.integers(0, CELLS_PER_STRIP)), bad[k])  # the defective cell at a random position
-        strips.append(("test/defect", cells))
+        pos = int(rng.integers(0, CELLS_PER_STRIP))
+        cells.insert(pos, bad[k])  # the defective cell at a random position
+        strips.append(("test/defect", cells, pos))
     counts: dict[str, int] = {}
     rows = []
-    for split in ("train/good", "test/good", "test/defect"):
+    for split in ("train/good", "test/good", "test/defect", "test/cell_masks"):
         (out / split).mkdir(parents=True, exist_ok=True)
-    for split, cells in strips:
+    for split, cells, bad_at in strips:
         n = counts.get(split, 0)
         counts[split] = n + 1
         name = f"{n:04d}.png"
@@ -84,6 +88,11 @@ def build(data: Path, out: Path, seed: int = 0, test_fraction: float = 0.3, n_te
         h = imgs[0].shape[0]
         imgs = [im if im.shape[0] == h else cv2.resize(im, (im.shape[1] * h // im.shape[0], h)) for im in imgs]
         cv2.imwrite(str(out / split / name), np.hstack(imgs))
+        if bad_at is not None:
+            mask = np.zeros((h, sum(im.shape[1] for im in imgs)), np.uint8)
+            x0 = sum(im.shape[1] for im in imgs[:bad_at])
+            mask[:, x0:x0 + imgs[bad_at].shape[1]] = 255
+            cv2.imwrite(str(out / "test/cell_masks" / f"{n:04d}_mask.png"), mask)
         rows.append({"file": f"{split}/{name}", "cells": " ".join(p.stem for p in cells)})
     with open(out / "strips.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["file", "cells"])

@@ -67,6 +67,15 @@ def test_strips_are_four_cells_wide_labelled_and_train_test_disjoint(strips_mod,
         strip = cv2.imread(str(out / f), cv2.IMREAD_UNCHANGED)
         want = [int(c[4:]) * 7 % 256 for c in cs]
         assert [int(strip[0, 20 * k]) for k in range(4)] == want
+        # defective strips get a cell mask: white exactly over the defective cell's columns
+        mask_path = out / "test/cell_masks" / f"{Path(f).stem}_mask.png"
+        if f.startswith("test/defect"):
+            mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+            bad_at = next(k for k, c in enumerate(cs) if c in defective)
+            want_mask = np.zeros((20, 80), np.uint8)
+            want_mask[:, 20 * bad_at:20 * bad_at + 20] = 255
+            assert np.array_equal(mask, want_mask)
+    assert len(list((out / "test/cell_masks").iterdir())) == 4
 
 
 def test_the_same_seed_gives_the_same_strips_and_another_seed_others(strips_mod, fake_elpv, tmp_path):
