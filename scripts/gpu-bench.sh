@@ -6,7 +6,7 @@
 #     source .device/env.sh; bash scripts/gpu-bench.sh            # ~4 minutes; at most 8 (step timeouts)
 # Elsewhere with a GPU and the venv:  OUT=/tmp/gpu BOTTLE=../shared/data/mvtec_ad/bottle bash scripts/gpu-bench.sh
 #
-# Writes $OUT/checks.json (graph engine vs eager, the device resize and JPEG decode against the CPU paths, eager
+# Writes $OUT/first-verdict.json (start-up time), $OUT/checks.json (graph engine vs eager, the device resize and JPEG decode against the CPU paths, eager
 # and graph under GIL contention), $OUT/bench-<backbone>.json (+ .txt: the report) and $OUT/log.txt. A step that
 # fails or times out is recorded and the others still run.
 set -uo pipefail
@@ -135,4 +135,12 @@ for backbone in mobilenet_v2 resnet18; do
     > "$OUT/bench-$backbone.txt" || echo "bench $backbone: FAILED or timed out (rc $?)"
   cat "$OUT/bench-$backbone.txt"
 done
+# 3. start-up: `linewatch run` → first verdict with $CAMERAS looping dir:// cameras (target ≤ 5 s), on a bundle
+#    calibrated here in a few epochs (its accuracy does not matter, its size and engine do)
+GOOD="$BOTTLE/train/good"; test -d "$GOOD" || GOOD="$BOTTLE/test/good"
+timeout 120 $LINEWATCH calibrate --normal-dir "$GOOD" --out "$OUT/startup.lwm" --epochs 2 --device cuda --no-report \
+  > "$OUT/startup-calibrate.txt" 2>&1 || echo "startup calibrate: FAILED or timed out (rc $?)"
+timeout 150 python3 scripts/first_verdict.py --model "$OUT/startup.lwm" --images "$BOTTLE/test" --cameras "$CAMERAS" \
+  --device cuda --runs 3 > "$OUT/first-verdict.json" || echo "first verdict: FAILED or timed out (rc $?)"
+cat "$OUT/first-verdict.json"
 echo "gpu-bench: done $(date -u +%FT%TZ)"
