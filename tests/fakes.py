@@ -20,6 +20,25 @@ def jpeg(i: int, size: tuple[int, int] = (48, 64)) -> bytes:
     return cv2.imencode(".jpg", img)[1].tobytes()
 
 
+def write_jpegs(src_images, folder, quality: int = 90, progressive_every: int = 0) -> list:
+    """Each image file in ``src_images`` re-encoded as ``folder/NNN_<stem>.jpg`` (a JPEG camera's frames, e.g.
+    from bottle/test); every ``progressive_every``-th one progressive. Returns the paths written, in order."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, p in enumerate(src_images):
+        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        flags = [cv2.IMWRITE_JPEG_QUALITY, quality]
+        if progressive_every and i % progressive_every == progressive_every - 1:
+            flags += [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]
+        dst = folder / f"{i:03d}_{Path(p).stem}.jpg"
+        dst.write_bytes(cv2.imencode(".jpg", img, flags)[1].tobytes())
+        out.append(dst)
+    return out
+
+
 class MJPEGCamera:
     """An HTTP MJPEG camera (multipart/x-mixed-replace JPEGs) on a raw socket, any path streams, except:
     ``/nolength``: parts without Content-Length; ``/corrupt``: every third part is not a JPEG; ``/page``: an
@@ -212,15 +231,19 @@ def value(m, name: str, **labels) -> float:
 
 
 class Sink:
-    """The worker's publish callback: keeps every (verdict, mask) it is handed."""
+    """The worker's publish callback: keeps every (verdict, mask) it is handed, and the previews apart
+    ((verdict, (frame image, anomaly map))) when the worker was given a preview policy."""
 
     def __init__(self):
         self.items = []
+        self.previews = []
         self.lock = threading.Lock()
 
-    def __call__(self, verdict, mask):
+    def __call__(self, verdict, mask, preview=None):
         with self.lock:
             self.items.append((verdict, mask))
+            if preview is not None:
+                self.previews.append((verdict, preview))
 
 
 def drain_worker(frames, det, *, max_batch: int = 8, queue_size: int = 1000, drain_s: float = 30.0,

@@ -55,6 +55,56 @@ def read_image(path: str | os.PathLike) -> np.ndarray | None:
     return to_rgb8(img)
 
 
+class JPEGHeaderError(DataError):
+    """A blob with no JPEG frame header (SOF) before its image data: not a JPEG, or cut short."""
+
+
+# Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic). Not C4 (DHT),
+# C8 (reserved) or CC (DAC), which share the range.
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and RSTn: markers without a length field
+
+
+def jpeg_size(data: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """(width, height) from a JPEG's frame header, without decoding it: walks the marker segments from SOI
+    to the first SOF (EXIF and other APPn segments are skipped by their length). Raises
+    :class:`JPEGHeaderError` (one line) for a blob that is not a JPEG, is cut short before its SOF or
+    declares an empty frame; a blob that passes can still fail to decode further on."""
+    b = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+    n = len(b)
+    if n < 4 or b[0] != 0xFF or b[1] != 0xD8:
+        raise JPEGHeaderError(f"not a JPEG: a {n}-byte blob without the JPEG start marker")
+    i = 2
+    while i < n:
+        if b[i] != 0xFF:
+            raise JPEGHeaderError(f"not a valid JPEG: no marker at byte {i} of {n}")
+        while i < n and b[i] == 0xFF:  # fill bytes may pad before a marker
+            i += 1
+        if i >= n:
+            break
+        marker = b[i]
+        i += 1
+        if marker in _STANDALONE:
+            continue
+        if marker in (0xD9, 0xDA):  # EOI or start of scan: the image data begins without a frame header
+            raise JPEGHeaderError("not a valid JPEG: no frame header (SOF) before the image data")
+        if i + 2 > n:
+            break
+        length = (b[i] << 8) | b[i + 1]
+        if length < 2:
+            raise JPEGHeaderError(f"not a valid JPEG: a segment of length {length} at byte {i}")
+        if marker in _SOF_MARKERS:
+            if i + 7 > n:
+                break
+            height = (b[i + 3] << 8) | b[i + 4]
+            width = (b[i + 5] << 8) | b[i + 6]
+            if width == 0 or height == 0:
+                raise JPEGHeaderError(f"JPEG frame header declares a {width}x{height} image")
+            return width, height
+        i += length
+    raise JPEGHeaderError(f"truncated JPEG: {n} bytes end before its frame header (SOF)")
+
+
 def resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize to (H, W); area interpolation when shrinking avoids aliasing."""
     h, w = size

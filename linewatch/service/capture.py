@@ -1,5 +1,7 @@
 """Capture: per camera, read, decode, crop to the ROI, resize to the model's input size and convert to RGB,
-then hand the frame to the shared :class:`~linewatch.service.frames.FrameQueue`.
+then hand the frame to the shared :class:`~linewatch.service.frames.FrameQueue`. With
+``capture.jpeg_decode: device`` JPEG sources skip the decode: their frames travel as JPEG bytes, and the
+worker decodes them in batches on the model's device.
 
 The read loop (:class:`CaptureLoop`: open → stream → lost → back off → reopen) runs either in a thread of
 the daemon (:class:`CameraThread`, ``capture.mode: thread``) or in a process of its own per camera
@@ -21,11 +23,12 @@ import threading
 import time
 from collections.abc import Callable
 
+import cv2
 import numpy as np
 import structlog
 
 from linewatch.backoff import backoff_delay
-from linewatch.imaging.images import resize, to_rgb8
+from linewatch.imaging.images import jpeg_size, resize, to_rgb8
 from linewatch.service.config import CameraConfig
 from linewatch.service.frames import (
     Frame,
@@ -46,28 +49,49 @@ log = structlog.get_logger("linewatch.capture")
 
 
 def prepare(raw: RawFrame, roi: tuple[int, int, int, int] | None, input_size: tuple[int, int] | None
-            ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int, int, int]]:
+            ) -> tuple[np.ndarray | None, tuple[int, int], tuple[int, int, int, int]]:
     """ROI crop → resize to the model's input → RGB. Returns (image, (frame w, h), effective roi).
     ``input_size`` None: no resize (the model resizes on its device, ``Detector.device_preprocess``).
+    A JPEG frame (``raw.jpeg``) is not decoded: image None, the size from its header, the ROI checked against
+    it; the worker decodes, crops and resizes it.
 
     Cropping first means only the region is resized; colour conversion runs on the small image
     (it commutes with resizing, so the result equals converting first). The resize is
     :func:`linewatch.imaging.images.resize`, the same one used offline, so streamed scores equal offline scores.
     """
+    if raw.jpeg is not None:
+        w, h = jpeg_size(raw.jpeg)  # the source checked it has a header
+        return None, (w, h), _effective_roi(roi, w, h)
     img = raw.image
+    assert img is not None
     h, w = img.shape[:2]
+    x, y, rw, rh = eff = _effective_roi(roi, w, h)
     if roi is not None:
-        x, y, rw, rh = roi
-        if x >= w or y >= h:
-            raise SourceError(f"roi {list(roi)} lies outside the {w}x{h} frame; fix the camera's roi")
-        x2, y2 = min(x + rw, w), min(y + rh, h)
-        img = img[y:y2, x:x2]
-        eff = (x, y, x2 - x, y2 - y)
-    else:
-        eff = (0, 0, w, h)
+        img = img[y:y + rh, x:x + rw]
     small = resize(img, input_size) if input_size is not None else img
     small = np.ascontiguousarray(small) if raw.rgb and small.ndim == 3 and small.shape[2] == 3 else to_rgb8(small)
     return small, (w, h), eff
+
+
+def _effective_roi(roi: tuple[int, int, int, int] | None, w: int, h: int) -> tuple[int, int, int, int]:
+    """The part of a ``w``×``h`` frame that ``roi`` covers (the whole frame without one)."""
+    if roi is None:
+        return (0, 0, w, h)
+    x, y, rw, rh = roi
+    if x >= w or y >= h:
+        raise SourceError(f"roi {list(roi)} lies outside the {w}x{h} frame; fix the camera's roi")
+    x2, y2 = min(x + rw, w), min(y + rh, h)
+    return (x, y, x2 - x, y2 - y)
+
+
+def decode_here(raw: RawFrame) -> RawFrame:
+    """A JPEG frame decoded in capture after all (it does not fit a shared-memory slot); raises
+    :class:`FrameDecodeError` for one that does not decode."""
+    assert raw.jpeg is not None
+    img = cv2.imdecode(np.frombuffer(raw.jpeg, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        raise FrameDecodeError(f"a {len(raw.jpeg)}-byte JPEG does not decode", ref=raw.ref)
+    return RawFrame(to_rgb8(img), rgb=True, ref=raw.ref, device_time=raw.device_time, frame_id=raw.frame_id)
 
 
 # --------------------------------------------------------------------------- the read loop
@@ -82,11 +106,15 @@ class CaptureLoop:
     daemon)."""
 
     def __init__(self, cfg: CameraConfig, input_size: tuple[int, int] | None, source: Source,
-                 rng: random.Random | None = None, start_sequence: int = 0):
+                 rng: random.Random | None = None, start_sequence: int = 0, jpeg: bool = False):
         self.cfg = cfg
         self.camera = cfg.name
         self.input_size = input_size  # None: frames stay at ROI resolution (the model resizes on its device)
         self.source = source
+        # capture.jpeg_decode: a source that can (dir://, http MJPEG: they have the attribute) delivers JPEG
+        # bytes undecoded, for the worker to decode on the model's device
+        if jpeg and hasattr(source, "jpeg_passthrough"):
+            source.jpeg_passthrough = True  # type: ignore[attr-defined]
         self.rng = rng or random.Random()
         self.state = "starting"
         self.sequence = start_sequence  # next sequence number
@@ -285,9 +313,10 @@ class CameraThread(CameraStatus, CaptureLoop, threading.Thread):
 
     def __init__(self, cfg: CameraConfig, queue: FrameQueue, metrics: Metrics, input_size: tuple[int, int] | None,
                  on_state: StateCallback | None = None, source: Source | None = None,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, jpeg: bool = False):
         threading.Thread.__init__(self, name=f"capture-{cfg.name}", daemon=True)
-        CaptureLoop.__init__(self, cfg, input_size, source if source is not None else make_source(cfg), rng)
+        CaptureLoop.__init__(self, cfg, input_size, source if source is not None else make_source(cfg), rng,
+                             jpeg=jpeg)
         self.queue = queue
         self.metrics = metrics
         self.on_state = on_state
@@ -336,7 +365,7 @@ class CameraThread(CameraStatus, CaptureLoop, threading.Thread):
                             frame_height=frame_size[1])
         self.metrics.captured.labels(self.camera).inc()
         self.queue.put(Frame(self.camera, seq, capture_time, now, image, frame_size, roi, raw.ref,
-                             device_time=raw.device_time, frame_id=raw.frame_id))
+                             device_time=raw.device_time, frame_id=raw.frame_id, jpeg=raw.jpeg))
 
     # -- the watchdog: a thread cannot be killed, so it only reports; the loop reopens when the read returns
 

@@ -38,10 +38,10 @@ from typing import Any
 import structlog
 
 from linewatch.backoff import backoff_delay
-from linewatch.service.capture import CameraStatus, CaptureLoop, StateCallback, prepare
+from linewatch.service.capture import CameraStatus, CaptureLoop, StateCallback, decode_here, prepare
 from linewatch.service.config import CameraConfig
-from linewatch.service.frames import Frame, FrameQueue, RawFrame
-from linewatch.service.shm import FrameRing, SlotTooSmall
+from linewatch.service.frames import Frame, FrameDecodeError, FrameQueue, RawFrame
+from linewatch.service.shm import KIND_JPEG, FrameRing, SlotTooSmall
 from linewatch.service.sources import Source, make_source
 from linewatch.service.telemetry.prometheus import Metrics
 
@@ -82,8 +82,8 @@ class _ChildLoop(CaptureLoop):
     """The read loop inside the capture process: frames into the ring, everything else as messages."""
 
     def __init__(self, cfg: CameraConfig, input_size: tuple[int, int] | None, source: Source, conn: Connection,
-                 ring: FrameRing, stop_event: Any, start_sequence: int, heartbeat_s: float):
-        super().__init__(cfg, input_size, source, start_sequence=start_sequence)
+                 ring: FrameRing, stop_event: Any, start_sequence: int, heartbeat_s: float, jpeg: bool = False):
+        super().__init__(cfg, input_size, source, start_sequence=start_sequence, jpeg=jpeg)
         self._stop_event = stop_event  # a multiprocessing.Event: the daemon asks us to stop
         self.conn = conn
         self.ring = ring
@@ -150,13 +150,35 @@ class _ChildLoop(CaptureLoop):
             self._set_state("up", None, seq=seq, source=self.source.description, frame_width=frame_size[0],
                             frame_height=frame_size[1])
         try:
-            slot = self.ring.write(seq, capture_time, now, image, frame_size=frame_size, roi=roi, ref=raw.ref,
+            slot = self.ring.write(seq, capture_time, now, raw.jpeg if raw.jpeg is not None else image,
+                                   frame_size=frame_size, roi=roi, ref=raw.ref, device_time=raw.device_time,
+                                   frame_id=raw.frame_id)
+        except SlotTooSmall as exc:
+            if raw.jpeg is None:
+                self._send({"e": "count", "what": "too_large", "seq": seq, "info": {"error": str(exc)}})
+                return
+            slot = self._decoded_here(raw, seq, capture_time, now, str(exc))
+            if slot is None:
+                return
+        self.conn.send_bytes(b"F" + _FRAME.pack(slot, seq))
+        self._heartbeat()
+
+    def _decoded_here(self, raw: RawFrame, seq: int, capture_time: float, now: float, why: str) -> int | None:
+        """A JPEG larger than a slot: decoded here instead, so the frame still goes through (as pixels).
+        Returns its slot, or None when it was counted instead (does not decode, or its pixels do not fit)."""
+        self._send({"e": "count", "what": "jpeg_decoded_here", "seq": seq, "info": {"error": why}})
+        try:
+            pixels = decode_here(raw)
+        except FrameDecodeError as exc:
+            self._count("decode_error", seq=seq, file=raw.ref, error=str(exc))
+            return None
+        image, frame_size, roi = prepare(pixels, self.cfg.roi, self.input_size)
+        try:
+            return self.ring.write(seq, capture_time, now, image, frame_size=frame_size, roi=roi, ref=raw.ref,
                                    device_time=raw.device_time, frame_id=raw.frame_id)
         except SlotTooSmall as exc:
             self._send({"e": "count", "what": "too_large", "seq": seq, "info": {"error": str(exc)}})
-            return
-        self.conn.send_bytes(b"F" + _FRAME.pack(slot, seq))
-        self._heartbeat()
+            return None
 
 
 def child_main(spec: dict[str, Any], conn: Connection, stop_event: Any, gate: Any = None) -> None:
@@ -180,7 +202,7 @@ def child_main(spec: dict[str, Any], conn: Connection, stop_event: Any, gate: An
         if resume is not None and hasattr(source, "_last"):
             source._last = resume  # a folder replay resumes after the last file the previous process read
         loop = _ChildLoop(cfg, input_size, source, conn, ring, stop_event, spec["start_sequence"],
-                          spec["heartbeat_s"])
+                          spec["heartbeat_s"], jpeg=bool(spec.get("jpeg")))
         loop._send({"e": "hello", "pid": os.getpid(), "torch": "torch" in sys.modules})
         if gate is not None:
             loop._wait_for(gate, START_GRACE_S)
@@ -220,7 +242,8 @@ class CameraProcess(CameraStatus, threading.Thread):
     def __init__(self, cfg: CameraConfig, queue: FrameQueue, metrics: Metrics, input_size: tuple[int, int] | None,
                  *, slots: int, slot_bytes: int, on_state: StateCallback | None = None,
                  source_ref: str | None = None, rng: random.Random | None = None,
-                 start_method: str = "spawn", gate: Any = None, logging: tuple[str, str] | None = None):
+                 start_method: str = "spawn", gate: Any = None, logging: tuple[str, str] | None = None,
+                 jpeg: bool = False):
         super().__init__(name=f"capture-{cfg.name}", daemon=True)
         self.cfg = cfg
         self.camera = cfg.name
@@ -231,6 +254,8 @@ class CameraProcess(CameraStatus, threading.Thread):
         self.slot_bytes = slot_bytes
         self.on_state = on_state
         self.source_ref = source_ref
+        self.jpeg = jpeg  # capture.jpeg_decode: JPEG sources hand their bytes over undecoded
+        self.jpeg_decoded_here = 0  # JPEGs too large for a slot, decoded in the capture process instead
         self.rng = rng or random.Random()
         self.state = "starting"
         self.sequence = 0  # next sequence number
@@ -267,7 +292,7 @@ class CameraProcess(CameraStatus, threading.Thread):
                 "input_size": list(self.input_size) if self.input_size is not None else None,
                 "start_sequence": self.sequence, "resume_ref": self._last_ref,
                 "heartbeat_s": heartbeat_interval(self.cfg.timeout_s), "source_ref": self.source_ref,
-                "logging": list(self.logging) if self.logging is not None else None}
+                "logging": list(self.logging) if self.logging is not None else None, "jpeg": self.jpeg}
 
     def run(self) -> None:
         attempt = 0
@@ -368,8 +393,10 @@ class CameraProcess(CameraStatus, threading.Thread):
         self._last_ref = got.ref
         self.last_frame_mono = got.capture_mono
         self.metrics.captured.labels(self.camera).inc()
-        self.queue.put(Frame(self.camera, seq, got.capture_time, got.capture_mono, got.data, got.frame_size,
-                             got.roi, got.ref, device_time=got.device_time, frame_id=got.frame_id))
+        jpeg = got.kind == KIND_JPEG
+        self.queue.put(Frame(self.camera, seq, got.capture_time, got.capture_mono, None if jpeg else got.data,
+                             got.frame_size, got.roi, got.ref, device_time=got.device_time, frame_id=got.frame_id,
+                             jpeg=got.data.tobytes() if jpeg else None))
 
     def _event(self, ev: dict[str, Any]) -> None:
         kind = ev.get("e")
@@ -386,7 +413,13 @@ class CameraProcess(CameraStatus, threading.Thread):
             seq = ev.get("seq")
             if seq is not None:
                 self.sequence = max(self.sequence, seq + 1)
-            if ev["what"] == "too_large":
+            if ev["what"] == "jpeg_decoded_here":  # not lost: decoded in the capture process instead
+                self.jpeg_decoded_here += 1
+                if self.jpeg_decoded_here == 1:  # once per camera: it repeats for every large JPEG
+                    self._log.warning("jpeg_decoded_in_capture", seq=seq, error=ev["info"].get("error"),
+                                      action="decoded in the capture process; raise capture.slot_mb to decode "
+                                      "such JPEGs on the device")
+            elif ev["what"] == "too_large":
                 self.metrics.drop(self.camera, "decode_error")
                 self._log.warning("frame_too_large", seq=seq, error=ev["info"].get("error"),
                                   action="skipped; raise capture.slot_mb")

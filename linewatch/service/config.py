@@ -74,6 +74,16 @@ class CaptureConfig(_Section):
     slot_mb: float = Field(8.0, gt=0, le=1024, description="process mode, when the model resizes on the GPU: "
                            "bytes per slot for a frame at ROI resolution (or a JPEG); a larger frame is dropped "
                            "and counted")
+    jpeg_decode: Literal["auto", "capture", "device"] = Field(
+        "auto", description="JPEG sources (http(s):// MJPEG, .jpg/.jpeg files in dir://): capture decodes them in "
+        "the capture process or thread; device hands the JPEG bytes to the model's device, decoded in batches "
+        "there (nvJPEG on CUDA, libjpeg-turbo on the CPU); auto: device when the model preprocesses on its "
+        "device (CUDA), else capture. Other images and sources are always decoded in capture")
+
+    def jpeg_on_device(self, device_preprocess: bool) -> bool:
+        """Whether JPEG sources hand over their bytes undecoded, for a model that does (``device_preprocess``)
+        or does not resize on its device."""
+        return self.jpeg_decode == "device" or (self.jpeg_decode == "auto" and device_preprocess)
 
 
 SOURCE_KINDS = ("v4l2", "rtsp", "http", "dir", "file", "aravis", "pylon")

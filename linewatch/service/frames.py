@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,11 +48,13 @@ class FrameDecodeError(Exception):
 class RawFrame:
     """A frame as a source delivers it, before :func:`linewatch.service.capture.prepare`."""
 
-    image: np.ndarray
+    image: np.ndarray | None  # None when the frame comes as ``jpeg`` (decoded by the model's device)
     rgb: bool  # False: OpenCV's BGR (or gray/BGRA)
     ref: str | None = None
     device_time: int | None = None  # the camera's own timestamp (ns on its clock), GenICam cameras only
     frame_id: int | None = None  # the camera's frame (block) id, GenICam cameras only
+    # the undecoded JPEG (capture.jpeg_decode: device; its header was checked by the source), else None
+    jpeg: bytes | None = None
 
 
 @dataclass
@@ -61,14 +63,33 @@ class Frame:
     sequence: int
     capture_time: float  # wall clock (epoch seconds): what subscribers see
     capture_mono: float  # monotonic: for latency metrics, immune to clock steps
-    image: np.ndarray  # (H, W, 3) uint8 RGB at the model's input size
+    # (H, W, 3) uint8 RGB at the model's input size, or at ROI resolution when the model resizes on its device.
+    # None while the frame is still ``jpeg``: the worker then sets the decoded, ROI-cropped image, a tensor
+    # on the model's device (read it on the host with host_image())
+    image: Any
     frame_size: tuple[int, int]  # (width, height) of the original frame
     roi: tuple[int, int, int, int]  # (x, y, w, h) actually cropped (the whole frame without an ROI)
     ref: str | None = None  # e.g. the file name for dir:// replay
     device_time: int | None = None  # from RawFrame: the camera's timestamp (ns) and frame id, when it has them
     frame_id: int | None = None
+    jpeg: bytes | None = None  # the whole frame as JPEG, for the worker to decode (capture.jpeg_decode: device)
     enqueued: float = 0.0  # monotonic, set by FrameQueue.put
     order: int = field(default=0, repr=False)
+    _host: np.ndarray | None = field(default=None, repr=False)  # host_image()'s copy
+
+    def host_image(self) -> np.ndarray:
+        """The image as a host (numpy) array: the image itself, or, for a frame decoded on the device, one
+        copy made on the first call and kept. Only what needs pixels on the host calls this (preview, archive,
+        drift, the framing check), so most frames decoded on a GPU never come back."""
+        img = self.image
+        if isinstance(img, np.ndarray):
+            return img
+        if self._host is None:
+            if img is None:
+                raise ValueError(f"frame {self.camera}#{self.sequence} has not been decoded yet")
+            # a torch tensor (duck-typed: this module is imported by capture processes, which never load torch)
+            self._host = np.ascontiguousarray(img.detach().cpu().numpy())
+        return self._host
 
 
 class FrameQueue:

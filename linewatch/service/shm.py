@@ -173,9 +173,11 @@ class FrameRing:
                          None if dev_t == _NONE else dev_t, None if fid == _NONE else fid)
 
 
-def slot_bytes_for(input_size: tuple[int, int] | None, slot_mb: float) -> int:
+def slot_bytes_for(input_size: tuple[int, int] | None, slot_mb: float, jpeg: bool = False) -> int:
     """Bytes per slot: an RGB frame at the model's input size (resized in the capture process), or ``slot_mb``
-    MiB when frames travel at ROI resolution or as JPEG (the device resizes or decodes them)."""
-    if input_size is not None:
-        return input_size[0] * input_size[1] * 3
-    return max(1, math.ceil(slot_mb * (1 << 20)))
+    MiB when frames travel at ROI resolution or as JPEG (the device resizes or decodes them; ``jpeg``: JPEG
+    sources hand over their bytes, which must fit too)."""
+    pixels = input_size[0] * input_size[1] * 3 if input_size is not None else 0
+    if input_size is not None and not jpeg:
+        return pixels
+    return max(1, pixels, math.ceil(slot_mb * (1 << 20)))

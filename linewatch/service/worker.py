@@ -2,7 +2,8 @@
 anomaly map into a verdict, defect boxes and (optionally) a mask, and hands them to the publisher.
 
 It sees the model only through the :class:`linewatch.service.detector.Detector` protocol: ``input_size``,
-``predict``, ``calibration``, ``model_id``, ``device``.
+``predict``, ``calibration``, ``model_id``, ``device``; and uses ``predict_frames`` (frames at ROI resolution)
+and ``decode_jpegs`` (frames that came as JPEG, ``capture.jpeg_decode: device``) where the detector has them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import structlog
 import torch
 
+from linewatch.imaging.images import resize
 from linewatch.messages import MAX_BOXES, Box, Verdict
 from linewatch.service.deadlines import part_id
 from linewatch.service.frames import Frame, FrameQueue
@@ -102,6 +104,20 @@ def find_defects(amap: np.ndarray, pixel_threshold: float, roi: tuple[int, int, 
 def _first_line(exc: BaseException) -> str:
     text = str(exc)
     return text.splitlines()[0][:200] if text else ""
+
+
+def _crop_decoded(f: Frame, decoded: Any) -> str | None:
+    """Set ``f.image`` to its ROI of ``decoded`` (a (H,W,3) tensor) and release ``f.jpeg``; or why not (a
+    decode error, or an image that is not the size its header promised capture)."""
+    if not isinstance(decoded, torch.Tensor):
+        return _first_line(decoded) or type(decoded).__name__
+    fw, fh = f.frame_size
+    if tuple(decoded.shape) != (fh, fw, 3):
+        return f"decoded to {tuple(decoded.shape)}, its header says {fw}x{fh}"
+    x, y, w, h = f.roi
+    f.image = decoded[y:y + h, x:x + w]
+    f.jpeg = None
+    return None
 
 
 class _AllFailed(Exception):
@@ -219,19 +235,24 @@ class InferenceWorker(threading.Thread):
         Out of memory on a chunk of k > 1 frames: the effective max batch drops to k // 2 and the same
         frames are retried in smaller chunks (log ``inference_oom``, ``linewatch_oom_total``), so no
         verdict is lost. A single frame that does not fit loses only itself; any other error loses the
-        frames of this batch still without a verdict. Both are counted as ``inference_error``.
+        frames of this batch still without a verdict. Both are counted as ``inference_error``. Frames that
+        came as JPEG are decoded first, all in one call; one that does not decode is a ``decode_error``.
         """
         start = time.monotonic()
         self.busy_since = start
-        n = len(batch)
+        for f in batch:
+            self.metrics.queue_wait.observe(start - f.enqueued)
+            self._stage["queue_wait"].inc(start - f.enqueued)
         handled = 0  # frames of the batch with a verdict or counted as lost
         lost_alone = 0  # frames that ran out of memory on their own (no verdict)
         try:
-            for i, f in enumerate(batch):
-                self.metrics.queue_wait.observe(start - f.enqueued)
-                self._stage["queue_wait"].inc(start - f.enqueued)
-                if not self._device_preprocess:  # else frames go as they are (ROI resolution) to predict_frames
-                    self._buf[i] = f.image
+            batch = self._decode_jpegs(batch)  # frames that came as JPEG; one that does not decode drops out
+            n = len(batch)
+            if n == 0:  # every frame was a JPEG that did not decode (counted): not an inference failure
+                return
+            if not self._device_preprocess:  # else frames go as they are (ROI resolution) to predict_frames
+                for i, f in enumerate(batch):
+                    self._buf[i] = f.image if isinstance(f.image, np.ndarray) else self._input_size_image(f)
             self._stage["preprocess"].inc(time.monotonic() - start)
             while handled < n:
                 size = min(self.effective_max_batch, n - handled)
@@ -274,6 +295,38 @@ class InferenceWorker(threading.Thread):
         finally:
             self.busy_since = None
             self.batches += 1
+
+    # -- frames that came as JPEG (capture.jpeg_decode: device)
+
+    def _decode_jpegs(self, batch: list[Frame]) -> list[Frame]:
+        """Decode the batch's JPEG frames in one call on the model's device and crop each to its ROI (its
+        ``image`` becomes a tensor there; ``jpeg`` is released). A frame that does not decode is dropped and
+        counted as ``decode_error``; the batch without it is returned."""
+        idx = [i for i, f in enumerate(batch) if f.jpeg is not None]
+        if not idx:
+            return batch
+        try:
+            decoded: list[Any] = list(self._decoder([batch[i].jpeg for i in idx]))
+        except Exception as exc:  # the decoder itself failed: each of these frames is lost, the others go on
+            decoded = [exc] * len(idx)
+        bad: set[int] = set()
+        for i, d in zip(idx, decoded, strict=True):
+            f = batch[i]
+            error = _crop_decoded(f, d)
+            if error is not None:
+                bad.add(i)
+                self.metrics.decode_errors.labels(f.camera).inc()
+                self.metrics.drop(f.camera, "decode_error")
+                log.warning("decode_error", camera=f.camera, seq=f.sequence, ref=f.ref, error=error,
+                            action="skipped", where="worker")
+        return [f for i, f in enumerate(batch) if i not in bad] if bad else batch
+
+    def _input_size_image(self, f: Frame) -> np.ndarray:
+        """A decoded frame (a tensor at ROI resolution) resized to the model's input as capture would have
+        (same resize, same order: crop, resize; RGB already), for a model that does not resize itself. That
+        model runs on the CPU, where the tensor's numpy view costs no copy."""
+        arr = f.image.detach().cpu().numpy()
+        return resize(np.ascontiguousarray(arr), tuple(self._tbuf.shape[1:3]))  # type: ignore[arg-type]
 
     # -- out of memory
 
@@ -376,6 +429,14 @@ class InferenceWorker(threading.Thread):
         # the device resizes ROI-resolution frames itself (capture skipped its resize)
         self._device_preprocess = bool(getattr(detector, "device_preprocess", False)) and hasattr(
             detector, "predict_frames")
+        # JPEG frames: decoded on the model's device (a detector without decode_jpegs: the same decoder here)
+        decode = getattr(detector, "decode_jpegs", None)
+        if decode is None:
+            from linewatch.model.preprocess import decode_jpegs
+
+            device = detector.device
+            decode = lambda blobs: decode_jpegs(blobs, device)  # noqa: E731
+        self._decoder: Callable[[list[bytes]], list[Any]] = decode
 
     def _predict(self, batch: list[Frame], start: int, size: int) -> Any:
         if self._device_preprocess:
@@ -448,7 +509,7 @@ class InferenceWorker(threading.Thread):
                         verdict=verdict, latency_s=round(now_mono - f.capture_mono, 3))
         elif self.preview is not None and self.preview(v):
             # a copy of the map: a view would keep the whole batch's maps alive until the publisher encodes it
-            self.publish(v, defects.mask, preview=(f.image, amap.copy() if amap is not None else fetch()))
+            self.publish(v, defects.mask, preview=(f.host_image(), amap.copy() if amap is not None else fetch()))
         else:
             self.publish(v, defects.mask)
         observers = self.observers

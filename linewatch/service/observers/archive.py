@@ -85,7 +85,7 @@ class RejectArchive(threading.Thread):
         with self._cv:
             if len(self._pending) == self._pending.maxlen:
                 self.metrics.archive_dropped.labels("queue_full").inc()
-            self._pending.append((frame.image, amap, verdict))
+            self._pending.append((frame.host_image(), amap, verdict))
             self._cv.notify()
 
     # -- archive thread

@@ -97,7 +97,7 @@ class DriftMonitor(threading.Thread):
             st.n_fail += failed
             st.scores.append(verdict.score)
         try:
-            self._queue.put_nowait((verdict.camera, frame.image))
+            self._queue.put_nowait((verdict.camera, frame.host_image()))
         except queue.Full:
             self.metrics.health_skipped.inc()
 

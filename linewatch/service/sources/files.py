@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from linewatch.imaging.images import IMAGE_EXTS, read_image
+from linewatch.imaging.images import IMAGE_EXTS, JPEGHeaderError, jpeg_size, read_image
 from linewatch.service.frames import FrameDecodeError, RawFrame, SourceError, SourceLost
 
 
@@ -14,6 +14,9 @@ class DirSource:
     every image below it, ordered by relative path (``a/001.png`` < ``b/000.png``), which is also the ref."""
 
     paced = True
+    # capture.jpeg_decode: .jpg/.jpeg files are delivered as their bytes (RawFrame.jpeg), for the model's device
+    # to decode; set by the capture loop
+    jpeg_passthrough = False
 
     def __init__(self, path: str | Path, loop: bool, recursive: bool = False):
         self.path = Path(path)
@@ -68,8 +71,14 @@ class DirSource:
             path = self._files[self._i]
             self._i += 1
             self._tried_this_pass += 1
-            img = read_image(path)
             ref = self._ref(path)
+            if self.jpeg_passthrough and path.suffix.lower() in (".jpg", ".jpeg"):
+                blob = self._jpeg(path)
+                if blob is not None:
+                    self._last = ref
+                    self._decoded_this_pass += 1
+                    return RawFrame(None, rgb=True, ref=ref, jpeg=blob)
+            img = read_image(path)  # not a JPEG after all (or unreadable): decoded here, or counted below
             if img is not None:
                 self._last = ref
                 self._decoded_this_pass += 1
@@ -80,6 +89,16 @@ class DirSource:
                 self._last = ref
                 raise FrameDecodeError(f"cannot decode {path}", ref=ref)
             # removed since the listing: not a frame, nothing to count; go on with the next file
+
+    @staticmethod
+    def _jpeg(path: Path) -> bytes | None:
+        """The file's bytes if they are a JPEG with a frame header, else None."""
+        try:
+            blob = path.read_bytes()
+            jpeg_size(blob)
+        except (OSError, JPEGHeaderError):
+            return None
+        return blob
 
     def close(self) -> None:
         self._files = []

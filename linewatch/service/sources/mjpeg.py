@@ -10,6 +10,7 @@ import urllib.parse
 import cv2
 import numpy as np
 
+from linewatch.imaging.images import JPEGHeaderError, jpeg_size
 from linewatch.service.frames import FrameDecodeError, RawFrame, SourceError, SourceLost
 from linewatch.service.sources import redact_url
 
@@ -34,6 +35,9 @@ class MJPEGSource:
         self._resp: http.client.HTTPResponse | None = None
         self._boundary: bytes | None = None
         self._at_part = False  # the boundary line of the next part has already been consumed
+        # capture.jpeg_decode: parts are delivered as JPEG bytes for the model's device to decode (set by the
+        # capture loop); a part without a JPEG frame header is still decoded here (a PNG snapshot, or counted)
+        self.jpeg_passthrough = False
 
     def _request(self) -> http.client.HTTPResponse:
         p = self._parts
@@ -132,6 +136,12 @@ class MJPEGSource:
                 data = self._read_part()
         except (OSError, http.client.HTTPException) as exc:
             raise SourceLost(f"{self.description}: {exc or type(exc).__name__}") from None
+        if self.jpeg_passthrough and data:
+            try:
+                jpeg_size(data)
+                return RawFrame(None, rgb=True, jpeg=data)
+            except JPEGHeaderError:
+                pass
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
         if img is None:
             raise FrameDecodeError(f"{self.description}: a {len(data)}-byte part is not a decodable image")

@@ -21,8 +21,9 @@ figure is the median over the rounds and each ratio the median of the per-round 
     The same, from a ``dir://`` folder of the image files (decode in the capture threads).
 ``linewatch-jpeg`` (not in the default set)
     The same, from a ``dir://`` folder of the images re-encoded as JPEG (quality 95, written once before the
-    rounds): JPEG cameras. Where the daemon decodes JPEG on the device (CUDA, ``Detector.decode_jpegs``) this
-    is the nvJPEG path; on the CPU it is libjpeg-turbo in capture.
+    rounds): JPEG cameras. On CUDA the daemon's ``capture.jpeg_decode: auto`` is ``device``: the cameras hand
+    the JPEG bytes over undecoded and the worker decodes each batch with nvJPEG (``Detector.decode_jpegs``),
+    then crops and resizes on the GPU; on the CPU it is libjpeg-turbo in capture.
 
 On CUDA (``--device cuda``) the batch sweep goes up to 256 and ``bare`` is also timed with the eager and the
 graph engine at the best batch (``bare[eager]``, ``bare[graph]``): the floor with and without CUDA graphs.
@@ -244,6 +245,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             where = ("capture processes" if cap == "process"
                      else "capture threads (raw frames: no decode)" if k.startswith("linewatch-raw")
                      else "capture threads")
+            if k == "linewatch-jpeg":  # capture.jpeg_decode auto: JPEG bytes to the worker where the model is on CUDA
+                where += ", JPEG decoded on the GPU in batches (nvJPEG)" if cuda else ", JPEG decoded in capture"
             proc_cpu = cpu.get("(process)")
             if proc_cpu is not None and cap == "process":  # the children's CPU counts toward CPU per image
                 proc_cpu += cpu.get(CAPTURE_PROCESSES) or 0.0

@@ -100,6 +100,16 @@ class TriggeredSource:
         self.wait_s = 0.0
         self.released = threading.Event()  # set at the end of a run: stop holding frames back
 
+    @property
+    def jpeg_passthrough(self) -> bool:
+        """The wrapped source's (capture.jpeg_decode): JPEG files reach the daemon undecoded, as in a real camera."""
+        return bool(getattr(self.inner, "jpeg_passthrough", False))
+
+    @jpeg_passthrough.setter
+    def jpeg_passthrough(self, on: bool) -> None:
+        if hasattr(self.inner, "jpeg_passthrough"):
+            self.inner.jpeg_passthrough = on  # type: ignore[attr-defined]
+
     def open(self) -> None:
         self.inner.open()
 
