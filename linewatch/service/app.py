@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from linewatch import __version__
-from linewatch.errors import BundleError, LinewatchError
+from linewatch.errors import BundleError
 from linewatch.logsetup import configure_logging
 from linewatch.messages import Status
 from linewatch.service.capture import CameraThread
@@ -37,7 +37,7 @@ from linewatch.service.frames import FrameQueue
 from linewatch.service.liveness import check_liveness
 from linewatch.service.observers.archive import RejectArchive
 from linewatch.service.observers.drift import DriftMonitor
-from linewatch.service.observers.sanity import StartupSanityCheck
+from linewatch.service.observers.sanity import FramingError, StartupSanityCheck, check_cameras_framing
 from linewatch.service.publisher import Publisher
 from linewatch.service.reload import ModelReloader, publish_model_info
 from linewatch.service.runtime import configure_threads, freeze_startup_objects
@@ -52,9 +52,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("linewatch.daemon")
 
-class FramingError(LinewatchError):
-    """A camera frames the scene differently from the model's calibration images (one line: both named)."""
-
+__all__ = ["Daemon", "FramingError", "run_daemon"]  # FramingError: raised at start, see _check_framing
 
 CAMERA_READY_WAIT_S = 30.0  # at most this long for the first open attempts before READY=1
 STATUS_EVERY_S = 5.0
@@ -251,26 +249,9 @@ class Daemon:
         return det
 
     def _check_framing(self, det: Detector) -> None:
-        """Each camera against the framing the model was calibrated on (what is known before the first frame:
-        the ROI; the frame size and colour are checked on the first frame by the sanity check)."""
-        from linewatch.model.bundle import camera_framing, describe_framing, framing_problem
-
-        framing = getattr(det.meta, "framing", None)
-        if not isinstance(framing, dict):
-            self.log.info("model_framing_unknown", reason="the bundle predates framing records; re-calibrate "
-                          "(linewatch record, then calibrate --config) to have cameras checked against it")
-            return
-        for cam in self.cfg.cameras:
-            problem = framing_problem(framing, camera_framing(cam.roi, None))
-            if problem is None:
-                continue
-            level, why = problem
-            what = (f"camera {cam.name!r} roi {list(cam.roi) if cam.roi else 'none (full frame)'} vs model "
-                    f"{self.cfg.model.bundle.name} calibrated on {describe_framing(framing)}: {why}")
-            if level == "error":
-                raise FramingError(f"{what}; record the camera and re-calibrate (linewatch record, then "
-                                   "linewatch calibrate --config) or fix the camera's roi")
-            self.log.warning("framing_differs", camera=cam.name, detail=what)
+        """Each camera against the framing the model was calibrated on (the reload makes the same check)."""
+        check_cameras_framing(self.cfg.cameras, getattr(det.meta, "framing", None), self.cfg.model.bundle.name,
+                              self.log)
 
     def _wait_for_subscriber(self) -> None:
         wait_s = self.cfg.publisher.wait_for_subscriber_s
@@ -328,18 +309,21 @@ class Daemon:
         assert self.queue is not None
         cap = self.cfg.capture
         mode = "thread" if self._source_factory is not None else cap.mode
-        self.log.info("capture_mode", mode=mode, resize="device" if input_size is None else "capture")
+        jpeg = cap.jpeg_on_device(input_size is None)  # JPEG bytes to the worker, decoded on the model's device
+        self.log.info("capture_mode", mode=mode, resize="device" if input_size is None else "capture",
+                      jpeg_decode="device" if jpeg else "capture")
         gate = start_gate() if mode == "process" else None
         for cam_cfg in self.cfg.cameras:
             cam: CameraThread | CameraProcess
             if mode == "process":
                 cam = CameraProcess(cam_cfg, self.queue, self.metrics, input_size, slots=cap.slots,
-                                    slot_bytes=slot_bytes_for(input_size, cap.slot_mb), on_state=self._on_camera_state,
-                                    gate=gate, logging=(self.cfg.logging.format, self.cfg.logging.level))
+                                    slot_bytes=slot_bytes_for(input_size, cap.slot_mb, jpeg),
+                                    on_state=self._on_camera_state, gate=gate, jpeg=jpeg,
+                                    logging=(self.cfg.logging.format, self.cfg.logging.level))
             else:
                 src = self._source_factory(cam_cfg, self.queue) if self._source_factory is not None else None
                 cam = CameraThread(cam_cfg, self.queue, self.metrics, input_size, on_state=self._on_camera_state,
-                                   source=src)
+                                   source=src, jpeg=jpeg)
             self.cameras.append(cam)
             cam.start()
         if gate is not None:  # the processes start up in parallel; they begin reading together

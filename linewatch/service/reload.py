@@ -1,10 +1,11 @@
 """SIGHUP (`systemctl reload linewatch`): load the model bundle again and swap it in between two batches.
 
 The bundle at ``model.bundle`` is loaded in a background thread, off the inference path. A file that
-does not load, has no calibration, has another input size, or fails a one-frame trial inference is
-rejected (log ``model_reload_rejected``, metric ``linewatch_model_reload_total{result="rejected"}``)
-and the running model stays. The CURVE authorized client keys are re-read too. Nothing else in the
-config is re-read.
+does not load, has no calibration, has another input size, was calibrated on a framing that conflicts with a
+configured camera (the start-up check, :func:`~linewatch.service.observers.sanity.check_cameras_framing`), or
+fails a one-frame trial inference is rejected (log ``model_reload_rejected``, metric
+``linewatch_model_reload_total{result="rejected"}``) and the running model stays. The CURVE authorized
+client keys are re-read too. Nothing else in the config is re-read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from linewatch.errors import BundleError
+from linewatch.service.observers.sanity import check_cameras_framing
 
 if TYPE_CHECKING:
     from linewatch.service.config import LinewatchConfig
@@ -26,6 +28,9 @@ if TYPE_CHECKING:
     from linewatch.service.worker import InferenceWorker
 
 log = structlog.get_logger("linewatch.daemon")
+
+RELOAD_FIX = ("kept the running model; calibrate the new bundle on this camera's framing (linewatch record, then "
+              "linewatch calibrate --config) or change the camera's roi and restart the daemon")
 
 
 def publish_model_info(metrics: Metrics, det: Detector) -> None:
@@ -94,6 +99,9 @@ class ModelReloader:
                 self.metrics.model_reloads.labels("unchanged").inc()
                 self.log.info("model_reload_unchanged", model_id=old, bundle=str(cfg.model.bundle))
                 return
+            # a bundle framed otherwise would fail every frame of that camera: refuse it as start-up would
+            check_cameras_framing(cfg.cameras, getattr(det.meta, "framing", None), cfg.model.bundle.name, self.log,
+                                  fix=RELOAD_FIX)
             running = tuple(worker.detector.input_size)
             if tuple(det.input_size) != running:
                 raise BundleError(f"input size {list(det.input_size)} differs from the running model's "

@@ -251,7 +251,7 @@ def _write_report(out: str | os.PathLike, meta: BundleMeta, scores: np.ndarray, 
         return write_report(report_path_for(out), ReportInputs(
             model=str(out), image_threshold=cal.image_threshold, pixel_threshold=cal.pixel_threshold,
             alpha=cal.alpha, false_reject_bound=cal.false_reject_bound, scores=scores, names=names, images=images,
-            maps=maps, history=history, summary=summary))
+            maps=maps, history=history, summary=summary, training=meta.training))
     except OSError as exc:
         log.warning("report_not_written", error=str(exc))
         return None
@@ -355,6 +355,10 @@ def recalibrate_thresholds(model_path: str | os.PathLike, normal_dir: str | os.P
     save_bundle(target, bundle.students_state, bundle.meta, scorer_state=bundle.scorer_state)
     n = len(data.paths)
     report = CalibrateReport(n, 0, 0, n, data.skipped, None, cal, ct, time.monotonic() - start)
+    if opts.report:  # no curves (nothing trained): the page says what was re-fitted and where the weights come from
+        report.report_path = _write_report(target, bundle.meta, pred.scores.numpy(), pred.maps.numpy(), data.images,
+                                           [p.name for p in data.paths], [],
+                                           {"thresholds": f"refitted from {n} images of {Path(normal_dir).resolve()}"})
     if defect_dir is not None:
         report.defect_metrics = defect_report(load_detector(target, opts.device, opts.teacher_weights),
                                               defect_dir, opts.progress)

@@ -4,7 +4,9 @@
   wide histogram, or a second hump, says the good parts are not alike (mixed framing, lighting, parts);
 * the worst-scoring good images with their heatmaps: what the model finds unusual in good parts
   (a fixed hot spot, a background edge, a mis-framed image that slipped into the folder);
-* the training curves (train and validation loss per epoch): not converged, or over-fitting.
+* the training curves (train and validation loss per epoch): not converged, or over-fitting. A thresholds-only
+  re-fit (``calibrate --thresholds-only``) trains nothing, and the bundle keeps only a summary of its original
+  training (epochs, best epoch, validation loss; not the per-epoch losses): the page says so and gives that summary.
 
 Figures are drawn with OpenCV (no plotting library in the dependencies); the page has no external links.
 """
@@ -43,6 +45,36 @@ class ReportInputs:
     maps: np.ndarray  # (N,h,w) their anomaly maps
     history: list[dict[str, float]]  # per epoch: epoch, loss, val_loss (empty: thresholds-only re-fit)
     summary: dict[str, Any]  # extra rows for the summary table (split sizes, framing, …)
+    # the bundle's training record (BundleMeta.training): with "recalibrated" (a thresholds-only re-fit) the
+    # page names the re-fit and the original training instead of curves
+    training: dict[str, Any] | None = None
+
+
+def _num(v: Any, fmt: str) -> str:
+    return format(v, fmt) if isinstance(v, int | float) and math.isfinite(v) else "?"
+
+
+def no_training_note(training: dict[str, Any] | None) -> str:
+    """The Training section of a page without curves: what was re-fitted, and what the weights come from, as far
+    as the bundle's training record tells."""
+    t = training or {}
+    refit = t.get("recalibrated") if isinstance(t.get("recalibrated"), dict) else None
+    if refit is None:
+        return "No training in this run (thresholds only)."
+    text = (f"No training in this run: thresholds refitted on {refit.get('at', '?')} from {refit.get('n_cal', '?')} "
+            f"images ({refit.get('normal_dir', '?')}); the weights are unchanged. ")
+    if t.get("epochs_run") == 0:
+        text += (f"They come from the original calibration ({t.get('created', 'date unknown')}), which trained no "
+                 "epochs (a random student): there are no training curves.")
+    elif "epochs_run" in t:
+        text += (f"They come from the original calibration ({t.get('created', 'date unknown')}: "
+                 f"{t.get('epochs_run')} epochs, best epoch {t.get('best_epoch', '?')}, validation loss "
+                 f"{_num(t.get('best_val_loss'), '.4f')}, on {t.get('n_train', '?')} images of "
+                 f"{t.get('normal_dir', '?')}). The bundle keeps that summary, not the per-epoch losses: the "
+                 "training curves are in the original calibration's report.")
+    else:
+        text += "The bundle records nothing of how its weights were trained."
+    return text
 
 
 def _png(img_rgb: np.ndarray) -> str:
@@ -166,7 +198,7 @@ def write_report(path: str | os.PathLike, r: ReportInputs, worst_n: int = WORST_
     curves = curves_figure(r.history)
     parts.append("<h2>Training</h2>")
     if curves is None:
-        parts.append("<p>No training in this run (thresholds only).</p>")
+        parts.append(f"<p>{esc(no_training_note(r.training))}</p>")
     else:
         parts.append("<p>Loss per epoch; the kept checkpoint is listed above. A validation loss still falling at "
                      "the end means more epochs may help; one rising while the train loss falls, over-fitting.</p>"

@@ -9,7 +9,8 @@ them: a ``calibration_mismatch`` status, gauge and log line say so, once per cam
 (A run of genuinely defective parts at start-up raises it too; it is a prompt to look, not a verdict.)
 
 It also compares each camera's first frame (its size, ROI and colour) with the framing the model was
-calibrated on, when the bundle records one: the daemon checks what it can at start (the ROI), this the rest.
+calibrated on, when the bundle records one: the daemon checks what it can before a model runs (the ROI, with
+:func:`check_cameras_framing`, at start and on each SIGHUP reload), this the rest.
 
 Observing costs a few integer operations per verdict on the worker thread; state is one small record per
 camera (cameras come from the config: bounded).
@@ -27,16 +28,50 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import structlog
 
+from linewatch.errors import LinewatchError
 from linewatch.messages import Status, Verdict
 from linewatch.service.telemetry.prometheus import Metrics
 
 if TYPE_CHECKING:
+    from linewatch.service.config import CameraConfig
     from linewatch.service.frames import Frame
 
 log = structlog.get_logger("linewatch.sanity")
 
 LIKELY_CAUSES = ("framing (the camera's roi or resolution differs from the calibration images)", "lighting",
                  "focus", "a different part or background")
+
+
+STARTUP_FIX = ("record the camera and re-calibrate (linewatch record, then linewatch calibrate --config) "
+               "or fix the camera's roi")
+
+
+class FramingError(LinewatchError):
+    """A camera frames the scene differently from the model's calibration images (one line: both named)."""
+
+
+def check_cameras_framing(cameras: list[CameraConfig], framing: object, model_name: str, logger: Any,
+                          fix: str = STARTUP_FIX) -> None:
+    """Each configured camera's ROI against the framing a model was calibrated on (what is known before a frame:
+    the ROI; the frame size and colour wait for the first frame, :class:`StartupSanityCheck`). Raises
+    :class:`FramingError` (``... : why; <fix>``) for the first camera whose region has another aspect; logs
+    ``framing_differs`` on ``logger`` for a size-only difference. One check for start-up and reload."""
+    from linewatch.model.bundle import camera_framing, describe_framing, framing_problem
+
+    if not isinstance(framing, dict):
+        logger.info("model_framing_unknown", model=model_name, reason="the bundle predates framing records; "
+                    "re-calibrate (linewatch record, then calibrate --config) to have cameras checked against it")
+        return
+    for cam in cameras:
+        problem = framing_problem(framing, camera_framing(cam.roi, None))
+        if problem is None:
+            continue
+        level, why = problem
+        what = (f"camera {cam.name!r} roi {list(cam.roi) if cam.roi else 'none (full frame)'} vs model "
+                f"{model_name} calibrated on {describe_framing(framing)}: {why}")
+        if level == "error":
+            raise FramingError(f"{what}; {fix}")
+        logger.warning("framing_differs", camera=cam.name, model=model_name, detail=what)
 
 
 def binomial_tail(k: int, n: int, p: float) -> float:
@@ -124,7 +159,7 @@ class StartupSanityCheck:
 
         assert self.framing is not None
         roi = tuple(frame.roi) if tuple(frame.roi) != (0, 0, *frame.frame_size) else None
-        cam = camera_framing(roi, tuple(frame.frame_size), image_colour(frame.image))  # type: ignore[arg-type]
+        cam = camera_framing(roi, tuple(frame.frame_size), image_colour(frame.host_image()))  # type: ignore[arg-type]
         problem = framing_problem(self.framing, cam)
         if problem is None:
             return
