@@ -15,11 +15,12 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
+from pydantic_settings import SettingsConfigDict, SettingsError
 
 from linewatch.errors import ConfigError
 from linewatch.messages import CAMERA_NAME_RE
 from linewatch.service.config import (
+    FileSettings,
     LoggingConfig,
     MetricsConfig,
     ReconnectConfig,
@@ -206,7 +207,7 @@ class BridgeMetricsConfig(MetricsConfig):
     port: int = Field(9109, ge=0, le=65535, description="0 picks a free port (logged at start)")
 
 
-class BridgeConfig(BaseSettings):
+class BridgeConfig(FileSettings):  # as the daemon's: the environment wins over the file
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False,
         validate_assignment=True,
@@ -243,18 +244,6 @@ class BridgeConfig(BaseSettings):
             raise ValueError(f"camera {BRIDGE_TOPIC_LEVEL!r} would collide with the topic "
                              f"{self.mqtt.topic_prefix}/{BRIDGE_TOPIC_LEVEL}/status; rename the camera")
         return self
-
-    @classmethod
-    def settings_customise_sources(
-        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (env_settings, init_settings)  # as the daemon's: the environment wins over the file
-
-    def effective(self) -> dict[str, Any]:
-        """Plain data with secrets masked (what `linewatch bridge --check` prints)."""
-        return self.model_dump(mode="json")
 
 
 # --------------------------------------------------------------------------- loading

@@ -294,7 +294,25 @@ class ArchiveConfig(_Section):
     queue: int = Field(64, ge=1, le=10_000, description="failing frames waiting to be written; full = drop oldest")
 
 
-class LinewatchConfig(BaseSettings):
+class FileSettings(BaseSettings):
+    """Settings read from a YAML file (passed as init kwargs) where the environment wins over the file: the
+    daemon's and the bridge's configs. ``effective()``: plain data (what ``check-config`` / ``bridge --check``
+    print; secrets stay masked)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's contents arrive as init kwargs; listing env first makes the environment win.
+        return (env_settings, init_settings)
+
+    def effective(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class LinewatchConfig(FileSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False,
         validate_assignment=True,
@@ -328,19 +346,6 @@ class LinewatchConfig(BaseSettings):
                 raise ValueError(f"camera name {cam.name!r} is used twice; names must be unique")
             seen.add(cam.name)
         return v
-
-    @classmethod
-    def settings_customise_sources(
-        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The file's contents arrive as init kwargs; listing env first makes the environment win.
-        return (env_settings, init_settings)
-
-    def effective(self) -> dict[str, Any]:
-        """Plain data (what `check-config` prints)."""
-        return self.model_dump(mode="json")
 
 
 # --------------------------------------------------------------------------- loading
