@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -207,6 +208,54 @@ def stalling_source(cfg) -> StallingSource:
 # --------------------------------------------------------------------------- the inference worker, in process
 
 FRAME_HW = (16, 16)  # the fake detectors' input size (h, w)
+
+
+class BrightnessDetector:
+    """The tests' fake model (a service Detector): score = brightest pixel / 255, map = per-pixel brightness, so a
+    frame's verdict is set by its pixels (threshold 0.5: :func:`mk_frame`'s bright patch fails). Records the
+    batch sizes it saw (``batches``) and, with ``keep_inputs``, the input images; ``fail_first`` simulated CUDA
+    OOMs, then ``delay`` seconds per batch (the model's time, not test synchronisation)."""
+
+    def __init__(self, fail_first: int = 0, delay: float = 0.0, keep_inputs: bool = False,
+                 model_id: str = "fake0000"):
+        import torch
+
+        from linewatch.model import Calibration
+
+        self.input_size = FRAME_HW
+        self.model_id = model_id
+        self.meta = SimpleNamespace(backbone="fake")
+        self.device = torch.device("cpu")
+        self.engine = "fake"
+        self.calibration = Calibration(image_threshold=0.5, pixel_threshold=0.4, alpha=0.1,
+                                       false_reject_bound=0.1, scores=[0.1, 0.2, 0.3, 0.45])
+        self.batches: list[int] = []
+        self.inputs: list[np.ndarray] = []
+        self.fail_first = fail_first
+        self.delay = delay
+        self.keep_inputs = keep_inputs
+
+    def predict(self, batch):
+        import time
+
+        import torch
+
+        from linewatch.model import Prediction
+
+        assert batch.dtype == torch.uint8 and tuple(batch.shape[1:]) == (*FRAME_HW, 3)
+        self.batches.append(batch.shape[0])
+        if self.keep_inputs:
+            self.inputs.extend(batch.numpy().copy())
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            raise RuntimeError("CUDA out of memory (simulated)")
+        if self.delay:
+            time.sleep(self.delay)
+        maps = batch.float().amax(-1) / 255.0
+        return Prediction(maps=maps, scores=maps.flatten(1).amax(1))
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        pass  # nothing to build
 
 
 def mk_frame(cam: str, seq: int, bright: bool, roi=(0, 0, 64, 48), too_big: bool = False):

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import threading
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from fakes import BrightnessDetector
 
-from linewatch.model import Calibration, Prediction
+from linewatch.model import Prediction
 from linewatch.service.app import Daemon
 from linewatch.service.config import config_from_dict
 from linewatch.service.frames import RawFrame
@@ -27,30 +27,21 @@ DEADLINE_MS = 1000
 SLOW_S = 3.0
 
 
-class SlowOnMarkDetector:
+class SlowOnMarkDetector(BrightnessDetector):
     """Score = brightest pixel / 255; a batch holding a part marked SLOW_MARK takes SLOW_S seconds."""
 
     def __init__(self):
-        self.input_size = (H, W)
-        self.model_id = "slowfake"
-        self.meta = SimpleNamespace(backbone="fake")
-        self.device = torch.device("cpu")
-        self.engine = "fake"
-        self.calibration = Calibration(image_threshold=0.5, pixel_threshold=0.4, alpha=0.1,
-                                       false_reject_bound=0.1, scores=[0.1, 0.2, 0.3, 0.45])
+        super().__init__(model_id="slowfake")
         self.slow_done = threading.Event()
 
     def predict(self, batch: torch.Tensor) -> Prediction:
         slow = bool((batch[:, 0, 0, 0] == SLOW_MARK).any())
         if slow:
             time.sleep(SLOW_S)  # the slow model under test, not test synchronisation
-        maps = batch.float().amax(-1) / 255.0
+        pred = super().predict(batch)
         if slow:
             self.slow_done.set()
-        return Prediction(maps=maps, scores=maps.flatten(1).amax(1))
-
-    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
-        pass
+        return pred
 
 
 class TriggeredParts:

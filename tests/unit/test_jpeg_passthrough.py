@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import structlog
 import torch
-from fakes import MJPEGCamera, QueueDrainer, drain_worker, jpeg, value, write_jpegs
+from fakes import BrightnessDetector, MJPEGCamera, QueueDrainer, drain_worker, jpeg, value, write_jpegs
 
 from linewatch.errors import LinewatchError
 from linewatch.imaging.images import JPEGHeaderError, jpeg_size, list_images
-from linewatch.model import Calibration, Prediction
 from linewatch.service.capture import CameraThread, prepare
 from linewatch.service.capture_process import CameraProcess, _ChildLoop
 from linewatch.service.config import CameraConfig, CaptureConfig
@@ -292,27 +291,11 @@ def test_jpeg_decode_setting():
 # --------------------------------------------------------------------------- the worker
 
 
-class FakeDetector:
-    """Score = brightest pixel / 255 over a 16×16 input (as tests/unit/test_worker.py's)."""
+class FakeDetector(BrightnessDetector):
+    """Score = brightest pixel / 255 over a 16×16 input; keeps the input images it was given."""
 
     def __init__(self):
-        self.input_size = (H, W)
-        self.model_id = "fake0000"
-        self.meta = SimpleNamespace(backbone="fake")
-        self.device = torch.device("cpu")
-        self.engine = "fake"
-        self.calibration = Calibration(image_threshold=0.5, pixel_threshold=0.4, alpha=0.1,
-                                       false_reject_bound=0.1, scores=[0.1, 0.2, 0.3, 0.45])
-        self.inputs: list[np.ndarray] = []
-
-    def predict(self, batch: torch.Tensor) -> Prediction:
-        assert batch.dtype == torch.uint8 and batch.shape[1:] == (H, W, 3)
-        self.inputs.extend(batch.numpy().copy())
-        maps = batch.float().amax(-1) / 255.0
-        return Prediction(maps=maps, scores=maps.flatten(1).amax(1))
-
-    def warm_up(self, batch_sizes=(1,)) -> None:
-        pass
+        super().__init__(keep_inputs=True)
 
 
 class DecodingDetector(FakeDetector):

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from fakes import Sink, drain_worker, mk_frame, value
+from fakes import BrightnessDetector, Sink, drain_worker, mk_frame, value
 
-from linewatch.model import Calibration, Prediction
+from linewatch.model import Prediction
 from linewatch.service.detector import Detector
 from linewatch.service.frames import Frame, FrameQueue
 from linewatch.service.telemetry.prometheus import Metrics
@@ -20,33 +19,7 @@ from linewatch.service.worker import InferenceWorker, find_defects
 H = W = 16
 
 
-class FakeDetector:
-    """Score = brightest pixel / 255; map = per-pixel brightness: a frame's verdict is set by its pixels."""
-
-    def __init__(self, fail_first: int = 0, delay: float = 0.0):
-        self.input_size = (H, W)
-        self.model_id = "fake0000"
-        self.meta = SimpleNamespace(backbone="fake")
-        self.device = torch.device("cpu")
-        self.engine = "fake"
-        self.calibration = Calibration(image_threshold=0.5, pixel_threshold=0.4, alpha=0.1,
-                                       false_reject_bound=0.1, scores=[0.1, 0.2, 0.3, 0.45])
-        self.batches: list[int] = []
-        self.fail_first = fail_first
-        self.delay = delay
-
-    def predict(self, batch: torch.Tensor) -> Prediction:
-        assert batch.dtype == torch.uint8 and batch.shape[1:] == (H, W, 3)
-        self.batches.append(batch.shape[0])
-        if self.fail_first > 0:
-            self.fail_first -= 1
-            raise RuntimeError("CUDA out of memory (simulated)")
-        time.sleep(self.delay)
-        maps = batch.float().amax(-1) / 255.0
-        return Prediction(maps=maps, scores=maps.flatten(1).amax(1))
-
-    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
-        pass  # nothing to build
+FakeDetector = BrightnessDetector  # score = brightest pixel / 255: a frame's verdict is set by its pixels
 
 
 def test_the_fake_detector_is_a_service_detector():
