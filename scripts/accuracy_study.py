@@ -132,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         states[epoch] = copy.deepcopy(m.students.state_dict())
         if args.no_epoch_test:
             return {"test_image_auroc": float("nan")}
-        maps = ImageScorer(blur)(raw_maps(m, test, tiling))[0]
-        return {"test_image_auroc": image_auroc(labels, maps.flatten(1).amax(1).numpy())}
+        raw = raw_maps(m, test, tiling)
+        maps = ImageScorer(blur)(raw)[0]
+        _, top1 = ImageScorer(blur, ScoreSpec(reduce="topk", topk=0.01))(raw)  # the default score
+        return {"test_image_auroc": image_auroc(labels, maps.flatten(1).amax(1).numpy()),
+                "test_image_auroc_top1": image_auroc(labels, top1.numpy())}
 
     cfg = TrainConfig(max_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.epochs,
                       select="synthetic")
