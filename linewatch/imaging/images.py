@@ -41,18 +41,24 @@ def to_rgb8(img: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray | None:
-    """RGB uint8, or None if the file cannot be decoded (corrupt, truncated, not an image)."""
-    try:
-        buf = np.fromfile(str(path), dtype=np.uint8)
-    except OSError:
-        return None
+def decode_image(data: bytes | np.ndarray) -> np.ndarray | None:
+    """Encoded image bytes (PNG, JPEG, …) → RGB uint8, or None if they do not decode."""
+    buf = data if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
     if buf.size == 0:
         return None
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         return None
     return to_rgb8(img)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray | None:
+    """RGB uint8, or None if the file cannot be decoded (corrupt, truncated, not an image)."""
+    try:
+        buf = np.fromfile(str(path), dtype=np.uint8)
+    except OSError:
+        return None
+    return decode_image(buf)
 
 
 class JPEGHeaderError(DataError):

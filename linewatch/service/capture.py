@@ -23,12 +23,11 @@ import threading
 import time
 from collections.abc import Callable
 
-import cv2
 import numpy as np
 import structlog
 
 from linewatch.backoff import backoff_delay
-from linewatch.imaging.images import jpeg_size, resize, to_rgb8
+from linewatch.imaging.images import decode_image, jpeg_size, resize, to_rgb8
 from linewatch.service.config import CameraConfig
 from linewatch.service.frames import (
     Frame,
@@ -88,10 +87,10 @@ def decode_here(raw: RawFrame) -> RawFrame:
     """A JPEG frame decoded in capture after all (it does not fit a shared-memory slot); raises
     :class:`FrameDecodeError` for one that does not decode."""
     assert raw.jpeg is not None
-    img = cv2.imdecode(np.frombuffer(raw.jpeg, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None or img.size == 0:
+    img = decode_image(raw.jpeg)
+    if img is None:
         raise FrameDecodeError(f"a {len(raw.jpeg)}-byte JPEG does not decode", ref=raw.ref)
-    return RawFrame(to_rgb8(img), rgb=True, ref=raw.ref, device_time=raw.device_time, frame_id=raw.frame_id)
+    return RawFrame(img, rgb=True, ref=raw.ref, device_time=raw.device_time, frame_id=raw.frame_id)
 
 
 # --------------------------------------------------------------------------- the read loop
