@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import SettingsConfigDict, SettingsError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from linewatch.errors import ConfigError
 from linewatch.messages import CAMERA_NAME_RE
@@ -24,9 +24,7 @@ from linewatch.service.config import (
     LoggingConfig,
     MetricsConfig,
     ReconnectConfig,
-    _check_plain,
     _read_yaml,
-    format_validation_error,
 )
 
 DEFAULT_BRIDGE_CONFIG_PATH = Path("/etc/linewatch/bridge.yaml")
@@ -285,15 +283,4 @@ def load_bridge_config(path: str | os.PathLike | None = None, env: bool = True) 
 
 
 def bridge_config_from_dict(data: dict[str, Any], origin: str = "<dict>", env: bool = True) -> BridgeConfig:
-    _check_plain(data, origin)
-    try:
-        if env:
-            return BridgeConfig(**data)
-        return BridgeConfig(_env_prefix="LINEWATCH_BRIDGE_NO_ENV_OVERRIDES_", **data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, origin, BridgeConfig)) from None
-    except SettingsError as exc:  # e.g. LINEWATCH_BRIDGE_OPCUA__USERS holding malformed JSON
-        raise ConfigError(f"config {origin}: {str(exc).splitlines()[0]}; "
-                          f"check the {ENV_PREFIX}… environment variables") from None
-    except RecursionError:
-        raise ConfigError(f"config {origin}: nested too deeply") from None
+    return BridgeConfig.from_dict(data, origin, env)

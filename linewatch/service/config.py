@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -294,6 +294,9 @@ class ArchiveConfig(_Section):
     queue: int = Field(64, ge=1, le=10_000, description="failing frames waiting to be written; full = drop oldest")
 
 
+_S = TypeVar("_S", bound="FileSettings")
+
+
 class FileSettings(BaseSettings):
     """Settings read from a YAML file (passed as init kwargs) where the environment wins over the file: the
     daemon's and the bridge's configs. ``effective()``: plain data (what ``check-config`` / ``bridge --check``
@@ -310,6 +313,24 @@ class FileSettings(BaseSettings):
 
     def effective(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls: type[_S], data: dict[str, Any], origin: str = "<dict>", env: bool = True) -> _S:
+        """Validate ``data`` (merged with the environment unless ``env`` is False); one-line ConfigError."""
+        _check_plain(data, origin)
+        prefix = cls.model_config.get("env_prefix", "")
+        try:
+            if env:
+                return cls(**data)
+            # Without the environment: exactly what was given (an unused prefix switches env lookups off).
+            return cls(_env_prefix=f"{prefix}NO_ENV_OVERRIDES_", **data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, origin, cls)) from None
+        except SettingsError as exc:  # e.g. LINEWATCH_CAMERAS holding malformed JSON
+            raise ConfigError(f"config {origin}: {str(exc).splitlines()[0]}; "
+                              f"check the {prefix}… environment variables") from None
+        except RecursionError:
+            raise ConfigError(f"config {origin}: nested too deeply") from None
 
 
 class LinewatchConfig(FileSettings):
@@ -510,16 +531,4 @@ def _check_plain(data: Any, origin: str) -> None:
 
 
 def config_from_dict(data: dict[str, Any], origin: str = "<dict>", env: bool = True) -> LinewatchConfig:
-    _check_plain(data, origin)
-    try:
-        if env:
-            return LinewatchConfig(**data)
-        # Without the environment: exactly what was given (an unused prefix switches env lookups off).
-        return LinewatchConfig(_env_prefix="LINEWATCH_NO_ENV_OVERRIDES_", **data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, origin)) from None
-    except SettingsError as exc:  # e.g. LINEWATCH_CAMERAS holding malformed JSON
-        raise ConfigError(f"config {origin}: {str(exc).splitlines()[0]}; "
-                          f"check the {ENV_PREFIX}… environment variables") from None
-    except RecursionError:
-        raise ConfigError(f"config {origin}: nested too deeply") from None
+    return LinewatchConfig.from_dict(data, origin, env)
