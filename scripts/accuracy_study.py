@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, help="use only the first N training images")
     ap.add_argument("--alpha", type=float, default=0.005)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--synthetic-at", type=wxh, metavar="WxH",
+                    help="paste the synthetic anomalies into the validation images at this size, then resize "
+                         "them to the input (so runs at several input sizes see the same anomalies); "
+                         "synthetic AUROC is then recorded every epoch")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--no-epoch-test", action="store_true", help="skip the per-epoch test AUROC (saves time)")
     args = ap.parse_args(argv)
@@ -126,6 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     if tiling is not None:
         tr_img = extract_tiles(torch.from_numpy(tr_img), tiling).numpy()
         va_img = extract_tiles(torch.from_numpy(va_img), tiling).numpy()
+    anomalous = None
+    if args.synthetic_at:
+        if tiling is not None:
+            ap.error("--synthetic-at is for whole-frame inputs, not --tile")
+        from linewatch.imaging.images import resize
+        from linewatch.station.synthetic import make_anomalies
+
+        ref = load_images([train_paths[i] for i in va], args.synthetic_at).images
+        bad = make_anomalies(ref, seed=0)[0]
+        va_img = np.stack([resize(im, model_size) for im in ref])
+        anomalous = np.stack([resize(im, model_size) for im in bad])
     states: dict[int, dict] = {}
 
     def on_epoch(epoch: int, m: STFPM) -> dict[str, float]:
@@ -141,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(max_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.epochs,
                       select="synthetic")
     t0 = time.monotonic()
-    res = train_students(model, tr_img, va_img, cfg, torch.device("cpu"), progress=False, on_epoch=on_epoch)
+    res = train_students(model, tr_img, va_img, cfg, torch.device("cpu"), progress=False, on_epoch=on_epoch,
+                         anomalous=anomalous)
     train_s = time.monotonic() - t0
     by_epoch = {int(h["epoch"]): h for h in res.history}
     e_loss = select_checkpoint(res.history, "val_loss", cfg.min_delta)
@@ -155,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "set": args.set, "input": list(model_size), "frame": list(size), "tiling": tiling.to_dict() if tiling else None,
         "epochs": args.epochs, "students": args.students, "n_train": len(tr), "n_val": len(va), "n_cal": len(ca),
         "n_test_good": int((labels == 0).sum()), "n_test_defect": int(labels.sum()), "train_seconds": round(train_s),
+        "synthetic_at": list(args.synthetic_at) if args.synthetic_at else None,
         "history": res.history,
         "selection": {"val_loss": {"epoch": e_loss, "test_image_auroc": by_epoch[e_loss]["test_image_auroc"]},
                       "synthetic": {"epoch": e_syn, "test_image_auroc": by_epoch[e_syn]["test_image_auroc"]},

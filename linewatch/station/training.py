@@ -140,8 +140,14 @@ def train_students(
     device: torch.device,
     progress: bool = True,
     on_epoch: Callable[[int, STFPM], dict[str, float]] | None = None,
+    anomalous: np.ndarray | None = None,
 ) -> TrainResult:
-    """Train in place; on return the model holds the weights of the best validation epoch."""
+    """Train in place; on return the model holds the weights of the best validation epoch.
+
+    ``anomalous``: synthetic-anomaly copies of ``val_images`` (same shape), made by the caller, e.g. at a
+    resolution shared by several candidate input sizes so that their synthetic AUROCs compare. When given,
+    every epoch records ``synthetic_auroc`` whatever the selection; when not, they are made here at the
+    validation images' resolution, only for ``select="synthetic"``."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model.to(device)
@@ -157,8 +163,9 @@ def train_students(
     have_val = len(val_images) > 0
     select = cfg.select if have_val else "val_loss"
     is_better({"val_loss": 0.0}, None, select)  # an unknown selection fails here, before any training
-    anomalous = None
-    if select == "synthetic":
+    if anomalous is not None and (not have_val or anomalous.shape != val_images.shape):
+        raise ValueError(f"anomalous images {anomalous.shape} do not match the validation images {val_images.shape}")
+    if anomalous is None and select == "synthetic":
         from linewatch.station.synthetic import make_anomalies
 
         anomalous = make_anomalies(val_images, seed=cfg.seed)[0]

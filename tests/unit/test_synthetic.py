@@ -74,3 +74,19 @@ def test_training_with_synthetic_selection_records_the_auroc_and_keeps_that_epoc
     r = train_students(model, imgs[:8], imgs[8:], cfg, torch.device("cpu"), progress=False)
     assert len(r.history) == 3 and all(0 <= h["synthetic_auroc"] <= 1 for h in r.history)
     assert r.best_epoch == select_checkpoint(r.history, "synthetic", cfg.min_delta)
+
+
+def test_anomalies_made_by_the_caller_are_scored_every_epoch_but_do_not_change_a_val_loss_selection():
+    from linewatch.model.stfpm import STFPM
+    from linewatch.station.synthetic import make_anomalies
+    from linewatch.station.training import train_students
+
+    imgs = _images(12, 32, 32)
+    bad = make_anomalies(imgs[8:], seed=1)[0]
+    model = STFPM("mobilenet_v2", input_size=(32, 32), blur_sigma=1.0)
+    cfg = TrainConfig(max_epochs=2, batch_size=4, lr=0.05, patience=2)  # val_loss selection
+    r = train_students(model, imgs[:8], imgs[8:], cfg, torch.device("cpu"), progress=False, anomalous=bad)
+    assert all(0 <= h["synthetic_auroc"] <= 1 for h in r.history)
+    assert r.best_epoch == select_checkpoint(r.history, "val_loss", cfg.min_delta)
+    with pytest.raises(ValueError, match="do not match"):
+        train_students(model, imgs[:8], imgs[8:], cfg, torch.device("cpu"), progress=False, anomalous=bad[:2])
