@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                          "them to the input (so runs at several input sizes see the same anomalies); "
                          "synthetic AUROC is then recorded every epoch")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--save-students", type=Path, metavar="FILE",
+                    help="write the val-loss checkpoint's student weights (safetensors) for later scoring")
     ap.add_argument("--no-epoch-test", action="store_true", help="skip the per-epoch test AUROC (saves time)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         from linewatch.station.synthetic import make_anomalies
 
         ref = load_images([train_paths[i] for i in va], args.synthetic_at).images
-        bad = make_anomalies(ref, seed=0)[0]
+        bad, _, kinds = make_anomalies(ref, seed=0)
         va_img = np.stack([resize(im, model_size) for im in ref])
         anomalous = np.stack([resize(im, model_size) for im in bad])
     states: dict[int, dict] = {}
@@ -179,6 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     }
     # scoring variants on the val-loss checkpoint (today's default rule)
     model.students.load_state_dict(states[e_loss])
+    if args.save_students:
+        from safetensors.torch import save_file
+
+        args.save_students.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in states[e_loss].items()}, str(args.save_students),
+                  metadata={"set": args.set, "input_hw": f"{model_size[0]}x{model_size[1]}", "epoch": str(e_loss),
+                            "blur": str(blur)})
+    if anomalous is not None:  # which kinds of synthetic anomaly this checkpoint separates, each alone
+        from linewatch.station.training import image_scores
+
+        s0 = image_scores(model, va_img, 16, torch.device("cpu"))
+        s1 = image_scores(model, anomalous, 16, torch.device("cpu"))
+        summary["synthetic_auroc_by_kind"] = {
+            k: image_auroc(np.r_[np.zeros(len(s0)), np.ones(sum(x == k for x in kinds))],
+                           np.r_[s0, s1[[x == k for x in kinds]]]) for k in sorted(set(kinds))}
     t0 = time.monotonic()
     raw_val, raw_cal, raw_test = (raw_maps(model, x, tiling) for x in (train[va], train[ca], test))
     summary["test_maps_seconds_per_image"] = (time.monotonic() - t0) / (len(va) + len(ca) + len(test))
@@ -206,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
                 row["pixel_auroc"] = pixel_auroc(masks, maps.numpy())
                 row["pro"] = pro_auc(masks, maps.numpy())
             rows[f"{name} σ×{blur_mult:g}"] = row
+            if name == "top1%" and blur_mult == 1.0:  # the default score, kept to study combinations offline
+                summary["test_scores_top1"] = [round(float(v), 6) for v in s]
+                summary["cal_scores_top1"] = [round(float(v), 6) for v in s_cal.numpy()]
+                summary["test_labels"] = labels.tolist()
     summary["scores"] = rows
     summary["total_seconds"] = round(time.monotonic() - t_start)
     text = json.dumps(summary, indent=1)
