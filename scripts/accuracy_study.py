@@ -189,13 +189,11 @@ def main(argv: list[str] | None = None) -> int:
                   metadata={"set": args.set, "input_hw": f"{model_size[0]}x{model_size[1]}", "epoch": str(e_loss),
                             "blur": str(blur)})
     if anomalous is not None:  # which kinds of synthetic anomaly this checkpoint separates, each alone
-        from linewatch.station.training import image_scores
+        from linewatch.station.training import synthetic_auroc
 
-        s0 = image_scores(model, va_img, 16, torch.device("cpu"))
-        s1 = image_scores(model, anomalous, 16, torch.device("cpu"))
         summary["synthetic_auroc_by_kind"] = {
-            k: image_auroc(np.r_[np.zeros(len(s0)), np.ones(sum(x == k for x in kinds))],
-                           np.r_[s0, s1[[x == k for x in kinds]]]) for k in sorted(set(kinds))}
+            k: synthetic_auroc(model, va_img, anomalous[np.array(kinds) == k], 16, torch.device("cpu"))
+            for k in sorted(set(kinds))}
     t0 = time.monotonic()
     raw_val, raw_cal, raw_test = (raw_maps(model, x, tiling) for x in (train[va], train[ca], test))
     summary["test_maps_seconds_per_image"] = (time.monotonic() - t0) / (len(va) + len(ca) + len(test))
