@@ -87,6 +87,10 @@ def thin_crack(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 EXTRA = {"darken": darken, "bandshift": bandshift, "thin_crack": thin_crack}
 
 
+def resized(images: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    return np.stack([resize(im, hw) for im in images])
+
+
 def auroc(clean: np.ndarray, anomalous: np.ndarray) -> float:
     return round(image_auroc(np.r_[np.zeros(len(clean)), np.ones(len(anomalous))], np.r_[clean, anomalous]), 4)
 
@@ -115,16 +119,16 @@ def main(argv: list[str] | None = None) -> int:
         model = STFPM("mobilenet_v2", teacher=teacher, input_size=(h, w), mean=IMAGENET_MEAN, std=IMAGENET_STD,
                       blur_sigma=float(md["blur"]), score=ScoreSpec(reduce="topk", topk=0.01))
         model.students.load_state_dict(load_file(str(path)))
-        s0 = image_scores(model, np.stack([resize(im, (h, w)) for im in ref]), 16, cpu)
+        s0 = image_scores(model, resized(ref, (h, w)), 16, cpu)
         row: dict[str, float | str] = {"checkpoint": str(path), "input": f"{w}x{h}"}
         for strength in STRENGTHS:
             faint = np.round(ref + strength * (bad.astype(np.float32) - ref)).clip(0, 255).astype(np.uint8)
-            s1 = image_scores(model, np.stack([resize(im, (h, w)) for im in faint]), 16, cpu)
+            s1 = image_scores(model, resized(faint, (h, w)), 16, cpu)
             row[f"s{strength:g}"] = auroc(s0, s1)
             for kind in sorted(set(kinds)):
                 row[f"s{strength:g}_{kind}"] = auroc(s0, s1[np.array(kinds) == kind])
         for kind, images in extra.items():
-            s1 = image_scores(model, np.stack([resize(im, (h, w)) for im in images]), 16, cpu)
+            s1 = image_scores(model, resized(images, (h, w)), 16, cpu)
             row[f"extra_{kind}"] = auroc(s0, s1)
         print(json.dumps(row), flush=True)
     return 0
