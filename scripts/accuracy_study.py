@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overlap", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--students", type=int, default=1)
+    ap.add_argument("--stages", type=lambda t: tuple(int(v) for v in t.split(",")), metavar="LIST",
+                    help="pyramid levels matched, e.g. 1,2,3 (default: the backbone's)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.4)
     ap.add_argument("--limit", type=int, help="use only the first N training images")
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher, _ = load_teacher("mobilenet_v2")
     blur = default_blur_sigma(model_size)
     model = STFPM("mobilenet_v2", teacher=teacher, n_students=args.students, input_size=model_size,
-                  mean=IMAGENET_MEAN, std=IMAGENET_STD, blur_sigma=blur)
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD, blur_sigma=blur, stages=args.stages)
     tr_img, va_img = train[tr], train[va]
     if tiling is not None:
         tr_img = extract_tiles(torch.from_numpy(tr_img), tiling).numpy()
@@ -171,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             by_epoch[e]["test_image_auroc"] = image_auroc(labels, maps.flatten(1).amax(1).numpy())
     summary: dict = {
         "set": args.set, "input": list(model_size), "frame": list(size), "tiling": tiling.to_dict() if tiling else None,
-        "epochs": args.epochs, "students": args.students, "n_train": len(tr), "n_val": len(va), "n_cal": len(ca),
+        "epochs": args.epochs, "students": args.students, "stages": list(model.stages),
+        "n_train": len(tr), "n_val": len(va), "n_cal": len(ca),
         "n_test_good": int((labels == 0).sum()), "n_test_defect": int(labels.sum()), "train_seconds": round(train_s),
         "synthetic_at": list(args.synthetic_at) if args.synthetic_at else None,
         "history": res.history,
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         args.save_students.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in states[e_loss].items()}, str(args.save_students),
                   metadata={"set": args.set, "input_hw": f"{model_size[0]}x{model_size[1]}", "epoch": str(e_loss),
-                            "blur": str(blur)})
+                            "blur": str(blur), "stages": ",".join(map(str, model.stages))})
     if anomalous is not None:  # which kinds of synthetic anomaly this checkpoint separates, each alone
         from linewatch.station.training import synthetic_auroc
 

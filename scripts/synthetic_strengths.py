@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             md = fh.metadata()
         h, w = (int(v) for v in md["input_hw"].split("x"))
         model = STFPM("mobilenet_v2", teacher=teacher, input_size=(h, w), mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                      blur_sigma=float(md["blur"]), score=ScoreSpec(reduce="topk", topk=0.01))
+                      blur_sigma=float(md["blur"]), score=ScoreSpec(reduce="topk", topk=0.01),
+                      # checkpoints saved before the stages field matched levels 1, 2, 3
+                      stages=tuple(int(v) for v in md.get("stages", "1,2,3").split(",")))
         model.students.load_state_dict(load_file(str(path)))
         s0 = image_scores(model, resized(ref, (h, w)), 16, cpu)
         row: dict[str, float | str] = {"checkpoint": str(path), "input": f"{w}x{h}"}

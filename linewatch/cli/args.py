@@ -29,3 +29,11 @@ def parse_fraction(text: str) -> float:
     if not 0 <= v < 1:
         raise argparse.ArgumentTypeError(f"{text} must be in [0, 1)")
     return v
+
+
+def parse_stages(text: str) -> tuple[int, ...]:
+    """``2,3,4`` → (2, 3, 4): pyramid levels (which ones a backbone has is checked against it later)."""
+    try:
+        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of pyramid levels; use e.g. 2,3,4") from None

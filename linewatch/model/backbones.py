@@ -1,12 +1,13 @@
-"""Backbone registry: which torchvision network, which three stages (strides 4/8/16), which weights file.
+"""Backbone registry: which torchvision network, its pyramid levels (strides 4/8/16/32), which weights file.
 Where the weights live and how they are checked and provisioned: ``linewatch.model.weights``.
 
-Only the layers up to the third stage are kept: STFPM never looks deeper, so the rest is dead compute.
+A model uses some of the levels (its *stages*, numbered 1–4 from the finest); an extractor keeps only the
+layers up to the deepest stage used, since the rest would be dead compute.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,9 @@ class BackboneSpec:
     split: Callable[[nn.Module], list[nn.Module]]
     weights_file: str  # torchvision's ImageNet checkpoint name: <arch>-<sha256 prefix>.pth
     sha256: str | None  # the full digest where it is known; otherwise the name's prefix is checked
-    channels: tuple[int, int, int]
+    channels: tuple[int, ...]  # per pyramid level, strides 4/8/16/32
+    # the levels STFPM matches when a station does not say (docs/accuracy-study.md, "Which pyramid levels")
+    default_stages: tuple[int, ...]
 
 
 def _split_resnet(m: nn.Module) -> list[nn.Module]:
@@ -31,29 +34,34 @@ def _split_resnet(m: nn.Module) -> list[nn.Module]:
         nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1),
         m.layer2,
         m.layer3,
+        m.layer4,
     ]
 
 
 def _split_mobilenet_v2(m: nn.Module) -> list[nn.Module]:
     f = m.features
-    # features[3] ends stride 4, [6] stride 8, [13] stride 16 (the last stride-16 block).
-    return [f[0:4], f[4:7], f[7:14]]
+    # features[3] ends stride 4, [6] stride 8, [13] stride 16 (the last stride-16 block), [16] stride 32 (the
+    # last 160-channel block; [17] only widens to 320 channels for the classifier head)
+    return [f[0:4], f[4:7], f[7:14], f[14:17]]
 
 
 BACKBONES: dict[str, BackboneSpec] = {
     "resnet18": BackboneSpec(
         "resnet18", lambda: models.resnet18(weights=None), _split_resnet,
-        "resnet18-f37072fd.pth", None, (64, 128, 256),
+        "resnet18-f37072fd.pth", None, (64, 128, 256, 512), (1, 2, 3),  # the paper's layers 1–3
     ),
     "wide_resnet50_2": BackboneSpec(
         "wide_resnet50_2", lambda: models.wide_resnet50_2(weights=None), _split_resnet,
-        "wide_resnet50_2-95faca4d.pth", None, (256, 512, 1024),
+        "wide_resnet50_2-95faca4d.pth", None, (256, 512, 1024, 2048), (1, 2, 3),
     ),
     "mobilenet_v2": BackboneSpec(
         "mobilenet_v2", lambda: models.mobilenet_v2(weights=None), _split_mobilenet_v2,
         "mobilenet_v2-b0353104.pth",
         "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
-        (24, 32, 96),
+        # strides 8/16: the stride-4 level (24 channels) told defects from good cells no better than chance on
+        # ELPV; without it image AUROC rose on ELPV cells and strips and bottle kept its targets. Adding the
+        # stride-32 level as well cost bottle's PRO (docs/accuracy-study.md, "Which pyramid levels")
+        (24, 32, 96, 160), (2, 3),
     ),
 }
 
@@ -67,8 +75,21 @@ def get_spec(name: str) -> BackboneSpec:
         ) from None
 
 
+def check_stages(name: str, stages: Sequence[int]) -> tuple[int, ...]:
+    """``stages`` as a tuple, or ValueError naming what is allowed: increasing levels of ``name``'s pyramid."""
+    spec = get_spec(name)
+    levels = len(spec.channels)
+    out = tuple(stages)
+    if not out or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= levels for v in out) \
+            or list(out) != sorted(set(out)):
+        raise ValueError(f"stages {list(out)!r} are not increasing levels of {name}'s pyramid: choose from "
+                         f"1..{levels} (strides {'/'.join(str(4 << i) for i in range(levels))}), e.g. "
+                         f"{','.join(map(str, spec.default_stages))}")
+    return out
+
+
 class PyramidExtractor(nn.Module):
-    """The first three stages of a backbone; forward returns their three feature maps."""
+    """The first levels of a backbone's pyramid; forward returns each level's feature map."""
 
     def __init__(self, stages: list[nn.Module]):
         super().__init__()
@@ -82,10 +103,12 @@ class PyramidExtractor(nn.Module):
         return feats
 
 
-def build_extractor(name: str, state_dict: dict[str, torch.Tensor] | None = None) -> PyramidExtractor:
-    """A pyramid extractor; with ``state_dict`` (a full torchvision checkpoint) it is pretrained."""
+def build_extractor(name: str, state_dict: dict[str, torch.Tensor] | None = None,
+                    levels: int | None = None) -> PyramidExtractor:
+    """A pyramid extractor of the first ``levels`` levels (all by default); with ``state_dict`` (a full
+    torchvision checkpoint) it is pretrained."""
     spec = get_spec(name)
     net = spec.build()
     if state_dict is not None:
         net.load_state_dict(state_dict)
-    return PyramidExtractor(spec.split(net))
+    return PyramidExtractor(spec.split(net)[:levels])

@@ -23,9 +23,14 @@ from safetensors.torch import save_file
 
 from linewatch import __version__
 from linewatch.errors import BundleError
+from linewatch.model.backbones import BACKBONES, check_stages
 
 FORMAT = "linewatch-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what save_bundle writes
+# v1 (linewatch 0.1 and 0.2 before the stages field) always matched pyramid levels 1, 2, 3: read as such.
+# v2 records the levels; an older linewatch refuses it by version rather than mis-scoring with the wrong levels.
+READABLE_VERSIONS = (1, 2)
+V1_STAGES = (1, 2, 3)
 MAX_TILES = 1024  # per frame: a header asking for more is not a station anyone built
 SCORER_PREFIX = "scorer."  # tensors of the image scorer (per-position statistics), beside the student weights
 
@@ -71,9 +76,16 @@ class BundleMeta:
     tiling: dict[str, Any] | None = None
     # how the calibration images were framed (see framing_problem); None = a bundle older than this field
     framing: dict[str, Any] | None = None
+    # pyramid levels matched (linewatch.model.backbones: 1–4 = strides 4/8/16/32); None: the backbone's default,
+    # as STFPM takes it. A header without the field (v1) reads as V1_STAGES.
+    stages: tuple[int, ...] | None = None
     linewatch_version: str = __version__
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.stages is None and self.backbone in BACKBONES:
+            self.stages = BACKBONES[self.backbone].default_stages
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -85,6 +97,10 @@ class BundleMeta:
         d["input_size"] = tuple(d["input_size"])
         d["mean"] = tuple(d["mean"])
         d["std"] = tuple(d["std"])
+        if "stages" not in d:
+            d["stages"] = V1_STAGES
+        elif isinstance(d["stages"], list):  # anything else stays as it is, for _meta_problem to name
+            d["stages"] = tuple(d["stages"])
         meta = cls(**d)
         meta.calibration = Calibration(**cal) if cal else None
         return meta
@@ -147,6 +163,15 @@ def _meta_problem(meta: BundleMeta) -> str | None:
         return f"blur_sigma {meta.blur_sigma!r} is not a number in 0..64"
     if not isinstance(meta.training, dict):
         return "training is not an object"
+    if meta.format_version == 1 and meta.stages != V1_STAGES:
+        return "stages in a v1 bundle (v1 always matched levels 1, 2, 3)"
+    if not isinstance(meta.stages, tuple):
+        return "stages is not a list of pyramid levels"
+    if meta.backbone in BACKBONES:
+        try:
+            check_stages(meta.backbone, meta.stages)
+        except ValueError as exc:
+            return str(exc)
     problem = _score_tiling_problem(meta)
     if problem:
         return problem
@@ -220,10 +245,11 @@ def load_bundle(path: str | os.PathLike) -> LoadedBundle:
         if d.get("format") != FORMAT:
             raise ValueError("wrong format tag")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise BundleError(
                 f"model file {path} is bundle format v{version} (written by linewatch "
-                f"{d.get('linewatch_version', '?')}), this linewatch {__version__} reads v{FORMAT_VERSION}; "
+                f"{d.get('linewatch_version', '?')}), this linewatch {__version__} reads "
+                f"{' and '.join(f'v{v}' for v in READABLE_VERSIONS)}; "
                 f"{fix} or run the matching linewatch version"
             )
         meta = BundleMeta.from_json(header)

@@ -232,6 +232,7 @@ def build_model(meta: BundleMeta, teacher_weights: str | os.PathLike | None = No
     model = STFPM(
         meta.backbone, teacher=teacher, n_students=meta.n_students, input_size=meta.input_size,
         mean=meta.mean, std=meta.std, blur_sigma=meta.blur_sigma, score=ScoreSpec.from_dict(meta.score),
+        stages=meta.stages,
     )
     return model, digest
 

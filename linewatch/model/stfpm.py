@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linewatch.model.backbones import PyramidExtractor, build_extractor
+from linewatch.model.backbones import PyramidExtractor, build_extractor, check_stages, get_spec
 from linewatch.model.scoring import ImageScorer, ScoreSpec, gaussian_kernel1d
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "STFPM", "default_blur_sigma", "gaussian_kernel1d", "stage_distances",
@@ -46,7 +46,10 @@ def stage_distances(teacher: Sequence[torch.Tensor], student: Sequence[torch.Ten
 
 
 class STFPM(nn.Module):
-    """Teacher + N students. ``forward`` maps a batch of images to (anomaly maps, image scores)."""
+    """Teacher + N students. ``forward`` maps a batch of images to (anomaly maps, image scores).
+
+    ``stages``: the pyramid levels (1–4, strides 4/8/16/32) whose features are matched and multiplied into the
+    map; default: the backbone's ``default_stages``. Students are built up to the deepest of them."""
 
     def __init__(
         self,
@@ -58,18 +61,26 @@ class STFPM(nn.Module):
         std: Sequence[float] = IMAGENET_STD,
         blur_sigma: float = 4.0,
         score: ScoreSpec | None = None,
+        stages: Sequence[int] | None = None,
     ):
         super().__init__()
         if n_students < 1:
             raise ValueError("n_students must be ≥ 1")
         self.backbone = backbone
+        self.stages = check_stages(backbone, stages if stages is not None else get_spec(backbone).default_stages)
+        levels = max(self.stages)
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.blur_sigma = float(blur_sigma)
-        self.teacher = teacher if teacher is not None else build_extractor(backbone)
+        teacher = teacher if teacher is not None else build_extractor(backbone, levels=levels)
+        if len(teacher.stages) < levels:
+            raise ValueError(f"the teacher has {len(teacher.stages)} pyramid levels, stages {list(self.stages)} "
+                             f"need {levels}")
+        # only the levels used: a deeper level of a shared teacher would be dead compute
+        self.teacher = teacher if len(teacher.stages) == levels else PyramidExtractor(list(teacher.stages[:levels]))
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.teacher.eval()
-        self.students = nn.ModuleList(build_extractor(backbone) for _ in range(n_students))
+        self.students = nn.ModuleList(build_extractor(backbone, levels=levels) for _ in range(n_students))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         # blur, optional per-position normalisation and the reduction to an image score (see .scoring)
@@ -99,9 +110,11 @@ class STFPM(nn.Module):
         return x.contiguous(memory_format=torch.channels_last)
 
     def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+        """Teacher and per-student features of the used stages only."""
+        pick = [i - 1 for i in self.stages]
         with torch.no_grad():
             t = self.teacher(x)
-        return t, [s(x) for s in self.students]
+        return [t[i] for i in pick], [[f[i] for i in pick] for f in (s(x) for s in self.students)]
 
     def loss(self, images: torch.Tensor) -> torch.Tensor:
         """Training loss on a batch, summed over students (each learns independently)."""

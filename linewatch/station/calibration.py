@@ -134,6 +134,7 @@ class CalibrateOptions:
     score: ScoreSpec = field(default_factory=lambda: ScoreSpec(reduce="topk", topk=0.01))
     blur_sigma: float | None = None  # None: default_blur_sigma(model input size)
     n_students: int = 1
+    stages: tuple[int, ...] | None = None  # pyramid levels matched; None: the backbone's default_stages
     val_fraction: float = 0.1
     cal_fraction: float = 0.2
     alpha: float = 0.005
@@ -244,6 +245,8 @@ def _write_report(out: str | os.PathLike, meta: BundleMeta, scores: np.ndarray, 
 
     cal = meta.calibration
     assert cal is not None
+    summary = {"model input": f"{meta.input_size[1]}x{meta.input_size[0]}, {meta.backbone} pyramid levels "
+                              f"{', '.join(map(str, meta.stages))}", **summary}
     if meta.framing:
         summary = {**summary, "framing": describe_framing(meta.framing)
                    + f", aspect policy {meta.framing.get('aspect_policy')}"}
@@ -285,7 +288,7 @@ def calibrate_station(normal_dir: str | os.PathLike, out: str | os.PathLike, opt
     # the students' random initialisation is part of the recipe: seeded, the same images give the same station
     torch.manual_seed(opts.train.seed)
     model = STFPM(opts.backbone, teacher=teacher, n_students=opts.n_students, input_size=model_size,
-                  mean=IMAGENET_MEAN, std=IMAGENET_STD, blur_sigma=blur, score=opts.score)
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD, blur_sigma=blur, score=opts.score, stages=opts.stages)
     train_images, val_images = data.images[train_idx], data.images[val_idx]
     if tiling is not None:  # the student learns tiles; validation and calibration images stay whole frames
         train_images = extract_tiles(torch.from_numpy(train_images), tiling).numpy()
@@ -294,7 +297,7 @@ def calibrate_station(normal_dir: str | os.PathLike, out: str | os.PathLike, opt
     del train_images
     meta = BundleMeta(
         backbone=opts.backbone, teacher_sha256=digest, input_size=model_size, mean=IMAGENET_MEAN,
-        std=IMAGENET_STD, n_students=opts.n_students, blur_sigma=blur,
+        std=IMAGENET_STD, n_students=opts.n_students, blur_sigma=blur, stages=model.stages,
         score=opts.score.to_dict(), tiling=tiling.to_dict() if tiling is not None else None,
         training={
             "normal_dir": str(Path(normal_dir).resolve()), "n_train": int(len(train_idx)),

@@ -77,8 +77,59 @@ def test_other_format_version_is_refused_with_a_clear_message(untrained_bundle, 
     meta["linewatch_version"] = "9.9.9"
     path = tmp_path / "future.lwm"
     save_file(b.students_state, str(path), metadata={"linewatch": json.dumps(meta)})
-    with pytest.raises(BundleError, match=r"format v2 \(written by linewatch 9.9.9\)"):
+    newer = rf"format v{FORMAT_VERSION + 1} \(written by linewatch 9.9.9\).*reads v1 and v2"
+    with pytest.raises(BundleError, match=newer):
         load_bundle(path)
+
+
+def _rewrite_header(src: Path, dst: Path, **changes) -> Path:
+    b = load_bundle(src)
+    meta = json.loads(b.meta.to_json())
+    for k, v in changes.items():
+        if v is None:
+            meta.pop(k)
+        else:
+            meta[k] = v
+    save_file(b.students_state, str(dst), metadata={"linewatch": json.dumps(meta)})
+    return dst
+
+
+def test_v1_bundle_reads_as_levels_1_2_3_and_scores_as_before(bottle, tmp_path):
+    """Bundles from before the stages field (format v1) matched levels 1-3; they must keep working unchanged."""
+    from linewatch.tools.fixtures import make_untrained_bundle
+
+    src = make_untrained_bundle(tmp_path / "src.lwm", bottle, stages=(1, 2, 3))
+    assert load_bundle(src).meta.stages == (1, 2, 3) and load_bundle(src).meta.format_version == FORMAT_VERSION
+    v1 = _rewrite_header(src, tmp_path / "v1.lwm", stages=None, format_version=1)
+    assert load_bundle(v1).meta.stages == (1, 2, 3)
+    x = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    torch.testing.assert_close(load_detector(v1, "cpu").predict(x).maps, load_detector(src, "cpu").predict(x).maps)
+    # a v1 header claiming other levels is not something any linewatch wrote
+    with pytest.raises(BundleError, match="stages in a v1 bundle"):
+        load_bundle(_rewrite_header(src, tmp_path / "odd.lwm", stages=[2, 3, 4], format_version=1))
+
+
+def test_new_bundles_record_the_default_levels(untrained_bundle):
+    from linewatch.model.backbones import BACKBONES
+
+    meta = load_bundle(untrained_bundle).meta
+    assert meta.format_version == FORMAT_VERSION and meta.stages == BACKBONES["mobilenet_v2"].default_stages
+    assert load_detector(untrained_bundle, "cpu").model.stages == meta.stages
+
+
+@pytest.mark.parametrize("stages, match", [([0, 1], "choose from 1..4"), ([3, 2], "choose from 1..4"),
+                                           ("2,3", "not a list of pyramid levels")])
+def test_impossible_stages_in_a_header_are_refused(untrained_bundle, tmp_path, stages, match):
+    bad = _rewrite_header(untrained_bundle, tmp_path / "bad.lwm", stages=stages)
+    with pytest.raises(BundleError, match=match):
+        load_bundle(bad)
+
+
+def test_stages_that_disagree_with_the_weights_are_refused(untrained_bundle, tmp_path):
+    """Header says levels 2-4 (students of 4 levels), the weights have 3: a clear error, not a crash mid-stream."""
+    bad = _rewrite_header(untrained_bundle, tmp_path / "mismatch.lwm", stages=[2, 3, 4])
+    with pytest.raises(BundleError, match=r"does not match backbone mobilenet_v2.*linewatch calibrate"):
+        load_detector(bad, "cpu")
 
 
 def test_plain_safetensors_file_is_not_a_bundle(tmp_path):

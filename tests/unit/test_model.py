@@ -51,12 +51,14 @@ def test_anomaly_map_is_higher_where_the_student_disagrees():
 
 
 def test_pretrained_model_scores_a_perturbed_region_higher(bottle):
-    """Real teacher, student trained briefly on one image: pasting noise into a region raises the map there."""
+    """Real teacher, student trained briefly on one image: pasting noise into a region raises the map there.
+    128²: with the default levels (down to stride 32) a 64² input leaves a 2×2 coarsest map, too coarse to
+    say where a 16-px patch is."""
     from linewatch.imaging.images import list_images, load_images
 
     teacher, _ = load_teacher("mobilenet_v2")
-    model = STFPM("mobilenet_v2", teacher=teacher, input_size=(64, 64), blur_sigma=1.0)
-    imgs = load_images(list_images(bottle / "train" / "good")[:4], (64, 64)).images
+    model = STFPM("mobilenet_v2", teacher=teacher, input_size=(128, 128), blur_sigma=2.0)
+    imgs = load_images(list_images(bottle / "train" / "good")[:4], (128, 128)).images
     opt = torch.optim.SGD(model.students.parameters(), lr=0.4, momentum=0.9)
     x = torch.from_numpy(imgs)
     torch.manual_seed(0)
@@ -68,12 +70,12 @@ def test_pretrained_model_scores_a_perturbed_region_higher(bottle):
     model.eval()
     img = imgs[:1].copy()
     rng = np.random.default_rng(0)
-    img[0, 8:24, 8:24] = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    img[0, 16:48, 16:48] = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
     with torch.inference_mode():
         maps, scores = model(torch.from_numpy(img))
         _, clean_scores = model(torch.from_numpy(imgs[:1]))
     m = maps[0]
-    assert m[8:24, 8:24].mean() > 2 * m[40:, 40:].mean()
+    assert m[16:48, 16:48].mean() > 2 * m[80:, 80:].mean()
     assert scores[0] > clean_scores[0]
 
 
@@ -123,12 +125,31 @@ def test_blur_keeps_constant_maps_constant():
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_backbone_strides_are_4_8_16(name):
+def test_backbone_levels_have_strides_4_8_16_32(name):
     ext = build_extractor(name).eval()
     with torch.inference_mode():
         feats = ext(torch.zeros(1, 3, 64, 64))
-    assert [f.shape[-1] for f in feats] == [16, 8, 4]
+    assert [f.shape[-1] for f in feats] == [16, 8, 4, 2]
     assert tuple(f.shape[1] for f in feats) == BACKBONES[name].channels
+    assert len(build_extractor(name, levels=2).stages) == 2
+
+
+def test_stages_choose_the_levels_matched_and_how_deep_the_students_go():
+    model = STFPM("mobilenet_v2", input_size=(64, 64), stages=(2, 3, 4))
+    t, ss = model.features(model.preprocess(torch.rand(1, 3, 64, 64)))
+    assert [f.shape[-1] for f in t] == [8, 4, 2] and [f.shape[-1] for f in ss[0]] == [8, 4, 2]
+    assert [f.shape[1] for f in t] == [32, 96, 160]
+    # levels 1-3 (what every bundle before the stages field used): no stride-32 layers are built
+    old = STFPM("mobilenet_v2", input_size=(64, 64), stages=(1, 2, 3))
+    assert len(old.students[0].stages) == 3 and len(old.teacher.stages) == 3
+    assert not any(k.startswith("stages.3.") for k in old.students[0].state_dict())
+    assert STFPM("mobilenet_v2", input_size=(64, 64)).stages == BACKBONES["mobilenet_v2"].default_stages
+
+
+@pytest.mark.parametrize("stages", [(), (0, 1), (3, 2), (2, 2), (5,), (1.5,)])
+def test_stages_outside_the_pyramid_are_refused_with_the_choices(stages):
+    with pytest.raises(ValueError, match=r"choose from 1\.\.4"):
+        STFPM("mobilenet_v2", input_size=(64, 64), stages=stages)
 
 
 def test_students_are_randomly_initialised_not_copies_of_the_teacher():

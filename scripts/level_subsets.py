@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Which pyramid levels should the map multiply? Scores saved checkpoints with the product over every subset of the
+levels they were trained on, no retraining (docs/accuracy-study.md, "Which pyramid levels").
+
+Checkpoints: ``accuracy_study.py --save-students FILE`` (safetensors with its metadata) or ``calibrate`` bundles
+(``.lwm``). Prints one JSON line per checkpoint: per subset, image AUROC (top 1 % score, default blur) and, where
+there are masks, pixel AUROC and PRO.
+
+    python scripts/level_subsets.py --set elpv e256.safetensors
+    python scripts/level_subsets.py --set bottle --data ../shared/data/mvtec_ad/bottle b256.safetensors
+    python scripts/level_subsets.py --set strips --data /tmp/full/strips --masks /tmp/full/strips/test/cell_masks \\
+        strips_256x64.lwm
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy_study import load_set, masks_for  # noqa: E402
+
+from linewatch.imaging.images import load_images, read_image  # noqa: E402
+from linewatch.model.bundle import load_bundle  # noqa: E402
+from linewatch.model.scoring import ImageScorer, ScoreSpec  # noqa: E402
+from linewatch.model.stfpm import STFPM, stage_distances  # noqa: E402
+from linewatch.model.weights import load_teacher  # noqa: E402
+from linewatch.station.accuracy import image_auroc, pixel_auroc, pro_auc  # noqa: E402
+
+
+def load_checkpoint(path: Path, teacher) -> STFPM:
+    if path.suffix == ".lwm":
+        b = load_bundle(path)
+        model = STFPM(b.meta.backbone, teacher=teacher, input_size=b.meta.input_size, blur_sigma=b.meta.blur_sigma,
+                      stages=b.meta.stages)
+        model.students.load_state_dict(b.students_state)
+        return model
+    with safe_open(str(path), "pt") as fh:
+        md = fh.metadata()
+    h, w = (int(v) for v in md["input_hw"].split("x"))
+    # checkpoints saved before the stages field matched levels 1, 2, 3
+    stages = tuple(int(v) for v in md.get("stages", "1,2,3").split(","))
+    model = STFPM("mobilenet_v2", teacher=teacher, input_size=(h, w), blur_sigma=float(md["blur"]), stages=stages)
+    model.students.load_state_dict(load_file(str(path)))
+    return model
+
+
+def level_distances(model: STFPM, images: np.ndarray, batch: int = 16) -> torch.Tensor:
+    """(N, L, H, W): each trained level's distance map, upsampled to the input, one level at a time."""
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            t, ss = model.features(model.preprocess(torch.from_numpy(images[i:i + batch])))
+            per_level = [stage_distances([a], [b], model.input_size) for a, b in zip(t, ss[0], strict=True)]
+            out.append(torch.stack(per_level, 1))
+    return torch.cat(out)
+
+
+def cell_masks(root: Path, paths: list[Path], size: tuple[int, int]) -> np.ndarray:
+    out = np.zeros((len(paths), *size), bool)
+    for i, p in enumerate(paths):
+        m = root / f"{p.stem}_mask.png"
+        if p.parent.name != "good" and m.is_file():
+            out[i] = cv2.resize(read_image(m)[:, :, 0], (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 127
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", choices=["bottle", "elpv", "strips"], required=True)
+    ap.add_argument("--data", type=Path)
+    ap.add_argument("--masks", type=Path, help="strips: <stem>_mask.png per defective test image")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("checkpoints", type=Path, nargs="+")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    _, test_paths, labels, mask_root = load_set(args.set, args.data, None, None)
+    teacher, _ = load_teacher("mobilenet_v2")
+    for path in args.checkpoints:
+        model = load_checkpoint(path, teacher)
+        size = model.input_size
+        d = level_distances(model, load_images(test_paths, size).images)
+        masks = masks_for(mask_root, test_paths, size) if mask_root is not None else \
+            cell_masks(args.masks, test_paths, size) if args.masks else None
+        scorer = ImageScorer(model.blur_sigma, ScoreSpec(reduce="topk", topk=0.01))
+        row: dict[str, object] = {"checkpoint": str(path), "input": f"{size[1]}x{size[0]}", "trained": model.stages}
+        for k in range(1, len(model.stages) + 1):
+            for sub in itertools.combinations(range(len(model.stages)), k):
+                maps, scores = scorer(d[:, list(sub)].prod(1))
+                r = {"image_auroc": round(image_auroc(labels, scores.numpy()), 4)}
+                if masks is not None:
+                    r["pixel_auroc"] = round(pixel_auroc(masks, maps.numpy()), 4)
+                    r["pro"] = round(pro_auc(masks, maps.numpy()), 4)
+                row["levels " + ",".join(str(model.stages[i]) for i in sub)] = r
+        # mean distance per level on good and on defective test images: does the level see the defects at all?
+        row["mean_distance_good_defect"] = {str(lv): [round(float(d[labels == y, i].mean()), 4) for y in (0, 1)]
+                                            for i, lv in enumerate(model.stages)}
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
