@@ -156,3 +156,13 @@ def test_save_is_atomic_no_temp_files_left(untrained_bundle, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "m.lwm").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_calibrate_refuses_impossible_stages_in_one_line_before_any_work(tmp_path, capsys):
+    from linewatch.cli import main as cli_main
+
+    assert cli_main(["calibrate", "--normal-dir", str(tmp_path), "--out", str(tmp_path / "m.lwm"),
+                     "--stages", "3,2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("linewatch: error: --stages: ") and "choose from 1..4" in err and err.count("\n") == 1
+    assert not (tmp_path / "m.lwm").exists()

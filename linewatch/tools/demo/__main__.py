@@ -26,7 +26,7 @@ from linewatch.messages import Status, Verdict
 from linewatch.tools.demo.liveview import LiveView, keep_open
 from linewatch.tools.harness import DaemonProcess, metric_total, scrape, subprocess_env, wait_until
 
-DEFAULT_EPOCHS = 12  # ≈ 4–5 min of training on 2 CPU cores; see docs/model.md (the demo) for what more epochs reach
+DEFAULT_EPOCHS = 12  # ≈ 3–5 min of training on 2 CPU cores; see docs/model.md (the demo) for what more epochs reach
 START_TIMEOUT_S = 300.0  # model load on a busy machine; the daemon's own errors end the wait at once
 # the sanity check decides on a verdict and publishes its status right after it: this long for the last one's
 STATUS_AFTER_LAST_VERDICT_S = 2.0
