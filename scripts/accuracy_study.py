@@ -59,6 +59,21 @@ def load_set(name: str, data: Path | None, size: tuple[int, int] | None, limit: 
     return train, good + bad, np.r_[np.zeros(len(good)), np.ones(len(bad))].astype(int), None
 
 
+def load_saved_students(path: Path, teacher, score: ScoreSpec | None = None) -> STFPM:
+    """The model a ``--save-students`` checkpoint was cut from (input size, blur and levels from its metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as fh:
+        md = fh.metadata()
+    h, w = (int(v) for v in md["input_hw"].split("x"))
+    stages = tuple(int(v) for v in md.get("stages", "1,2,3").split(","))  # saved before the field: levels 1-3
+    model = STFPM("mobilenet_v2", teacher=teacher, input_size=(h, w), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                  blur_sigma=float(md["blur"]), score=score, stages=stages)
+    model.students.load_state_dict(load_file(str(path)))
+    return model
+
+
 def masks_for(root: Path, paths: list[Path], size: tuple[int, int]) -> np.ndarray:
     import cv2
 

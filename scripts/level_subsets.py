@@ -23,11 +23,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_study import load_set, masks_for  # noqa: E402
+from accuracy_study import load_saved_students, load_set, masks_for  # noqa: E402
 
 from linewatch.imaging.images import load_images, read_image  # noqa: E402
 from linewatch.model.bundle import load_bundle  # noqa: E402
@@ -44,14 +42,7 @@ def load_checkpoint(path: Path, teacher) -> STFPM:
                       stages=b.meta.stages)
         model.students.load_state_dict(b.students_state)
         return model
-    with safe_open(str(path), "pt") as fh:
-        md = fh.metadata()
-    h, w = (int(v) for v in md["input_hw"].split("x"))
-    # checkpoints saved before the stages field matched levels 1, 2, 3
-    stages = tuple(int(v) for v in md.get("stages", "1,2,3").split(","))
-    model = STFPM("mobilenet_v2", teacher=teacher, input_size=(h, w), blur_sigma=float(md["blur"]), stages=stages)
-    model.students.load_state_dict(load_file(str(path)))
-    return model
+    return load_saved_students(path, teacher)
 
 
 def level_distances(model: STFPM, images: np.ndarray, batch: int = 16) -> torch.Tensor:

@@ -24,15 +24,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_study import load_set, wxh  # noqa: E402
+from accuracy_study import load_saved_students, load_set, wxh  # noqa: E402
 
 from linewatch.imaging.images import load_images, resize  # noqa: E402
 from linewatch.model.scoring import ScoreSpec  # noqa: E402
-from linewatch.model.stfpm import IMAGENET_MEAN, IMAGENET_STD, STFPM  # noqa: E402
 from linewatch.model.weights import load_teacher  # noqa: E402
 from linewatch.station.accuracy import image_auroc  # noqa: E402
 from linewatch.station.synthetic import make_anomalies  # noqa: E402
@@ -113,14 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher, _ = load_teacher("mobilenet_v2")
     cpu = torch.device("cpu")
     for path in args.checkpoints:
-        with safe_open(str(path), "pt") as fh:
-            md = fh.metadata()
-        h, w = (int(v) for v in md["input_hw"].split("x"))
-        model = STFPM("mobilenet_v2", teacher=teacher, input_size=(h, w), mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                      blur_sigma=float(md["blur"]), score=ScoreSpec(reduce="topk", topk=0.01),
-                      # checkpoints saved before the stages field matched levels 1, 2, 3
-                      stages=tuple(int(v) for v in md.get("stages", "1,2,3").split(",")))
-        model.students.load_state_dict(load_file(str(path)))
+        model = load_saved_students(path, teacher, ScoreSpec(reduce="topk", topk=0.01))
+        h, w = model.input_size
         s0 = image_scores(model, resized(ref, (h, w)), 16, cpu)
         row: dict[str, float | str] = {"checkpoint": str(path), "input": f"{w}x{h}"}
         for strength in STRENGTHS:
