@@ -141,6 +141,10 @@ def test_stages_choose_the_levels_matched_and_how_deep_the_students_go():
     old = STFPM("mobilenet_v2", input_size=(64, 64), stages=(1, 2, 3))
     assert len(old.students[0].stages) == 3 and len(old.teacher.stages) == 3
     assert not any(k.startswith("stages.3.") for k in old.students[0].state_dict())
+    # a shared 4-level teacher (load_teacher builds them so) is cut to the levels used, its modules shared
+    full = build_extractor("mobilenet_v2")
+    trimmed = STFPM("mobilenet_v2", teacher=full, input_size=(64, 64), stages=(2, 3))
+    assert len(trimmed.teacher.stages) == 3 and trimmed.teacher.stages[0] is full.stages[0]
     assert STFPM("mobilenet_v2", input_size=(64, 64)).stages == BACKBONES["mobilenet_v2"].default_stages
 
 
