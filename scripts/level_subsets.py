@@ -29,6 +29,7 @@ from accuracy_study import load_saved_students, load_set, masks_for  # noqa: E40
 
 from linewatch.imaging.images import load_images, read_image  # noqa: E402
 from linewatch.model.bundle import load_bundle  # noqa: E402
+from linewatch.model.detector import build_model  # noqa: E402
 from linewatch.model.scoring import ImageScorer, ScoreSpec  # noqa: E402
 from linewatch.model.stfpm import STFPM, stage_distances  # noqa: E402
 from linewatch.model.weights import load_teacher  # noqa: E402
@@ -36,10 +37,9 @@ from linewatch.station.accuracy import image_auroc, pixel_auroc, pro_auc  # noqa
 
 
 def load_checkpoint(path: Path, teacher) -> STFPM:
-    if path.suffix == ".lwm":
+    if path.suffix == ".lwm":  # built as the daemon builds it (its own teacher, the bundle's levels and blur)
         b = load_bundle(path)
-        model = STFPM(b.meta.backbone, teacher=teacher, input_size=b.meta.input_size, blur_sigma=b.meta.blur_sigma,
-                      stages=b.meta.stages)
+        model, _ = build_model(b.meta)
         model.students.load_state_dict(b.students_state)
         return model
     return load_saved_students(path, teacher)
