@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from linewatch.cli.args import parse_stages
 from linewatch.imaging.images import list_images, load_images
 from linewatch.model.scoring import ImageScorer, ScoreSpec, position_stats
 from linewatch.model.stfpm import IMAGENET_MEAN, IMAGENET_STD, STFPM, default_blur_sigma
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overlap", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--students", type=int, default=1)
-    ap.add_argument("--stages", type=lambda t: tuple(int(v) for v in t.split(",")), metavar="LIST",
+    ap.add_argument("--stages", type=parse_stages, metavar="LIST",
                     help="pyramid levels matched, e.g. 1,2,3 (default: the backbone's)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.4)
