@@ -20,20 +20,20 @@ import json
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_study import load_saved_students, load_set, masks_for  # noqa: E402
 
-from linewatch.imaging.images import load_images, read_image  # noqa: E402
+from linewatch.imaging.images import load_images  # noqa: E402
 from linewatch.model.bundle import load_bundle  # noqa: E402
 from linewatch.model.detector import build_model  # noqa: E402
 from linewatch.model.scoring import ImageScorer, ScoreSpec  # noqa: E402
 from linewatch.model.stfpm import STFPM, stage_distances  # noqa: E402
 from linewatch.model.weights import load_teacher  # noqa: E402
 from linewatch.station.accuracy import image_auroc, pixel_auroc, pro_auc  # noqa: E402
+from linewatch.station.evaluation import load_masks  # noqa: E402
 
 
 def load_checkpoint(path: Path, teacher) -> STFPM:
@@ -57,12 +57,14 @@ def level_distances(model: STFPM, images: np.ndarray, batch: int = 16) -> torch.
     return torch.cat(out)
 
 
-def cell_masks(root: Path, paths: list[Path], size: tuple[int, int]) -> np.ndarray:
+def strip_masks(masks_dir: Path, paths: list[Path], size: tuple[int, int]) -> np.ndarray:
+    """Masks for the strips' test set (good first, then test/defect, as load_set lists them), found as evaluate
+    finds them: a missing mask is an error, not an all-good one."""
     out = np.zeros((len(paths), *size), bool)
-    for i, p in enumerate(paths):
-        m = root / f"{p.stem}_mask.png"
-        if p.parent.name != "good" and m.is_file():
-            out[i] = cv2.resize(read_image(m)[:, :, 0], (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 127
+    bad = [i for i, p in enumerate(paths) if p.parent.name != "good"]
+    if bad:
+        defect_dir = paths[bad[0]].parent
+        out[bad] = load_masks(masks_dir, defect_dir, [paths[i].relative_to(defect_dir) for i in bad], size)
     return out
 
 
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         size = model.input_size
         d = level_distances(model, load_images(test_paths, size).images)
         masks = masks_for(mask_root, test_paths, size) if mask_root is not None else \
-            cell_masks(args.masks, test_paths, size) if args.masks else None
+            strip_masks(args.masks, test_paths, size) if args.masks else None
         scorer = ImageScorer(model.blur_sigma, ScoreSpec(reduce="topk", topk=0.01))
         row: dict[str, object] = {"checkpoint": str(path), "input": f"{size[1]}x{size[0]}", "trained": model.stages}
         for k in range(1, len(model.stages) + 1):

@@ -119,6 +119,21 @@ def _mask_for(masks_dir: Path, rel: Path) -> Path | None:
     return None
 
 
+def load_masks(masks_dir: Path, defect_dir: Path, rels: list[Path], size: tuple[int, int]) -> np.ndarray:
+    """(len(rels), H, W) bool masks at ``size`` for the defect images ``rels`` (relative to ``defect_dir``), found
+    by :func:`_mask_for`. A defect image without a readable mask is a DataError: a silent all-good mask would
+    flatter the model."""
+    masks = np.zeros((len(rels), size[0], size[1]), dtype=bool)
+    for i, rel in enumerate(rels):
+        mp = _mask_for(masks_dir, rel)
+        m = read_image(mp) if mp is not None else None
+        if m is None:
+            raise DataError(f"no readable mask for {defect_dir / rel} in {masks_dir} (looked for "
+                            f"{rel.parent / (rel.stem + '_mask.png')} and {rel.parent / (rel.stem + '.png')})")
+        masks[i] = cv2.resize(m[:, :, 0], (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 127
+    return masks
+
+
 def evaluate_folders(detector: Detector, good_dir: str | os.PathLike, defect_dir: str | os.PathLike,
                      masks_dir: str | os.PathLike | None = None, batch_size: int = 16) -> EvalReport:
     """Image-level metrics (AUROC, F1, precision/recall, false-reject rate against the calibration bound) on any
@@ -149,14 +164,7 @@ def evaluate_folders(detector: Detector, good_dir: str | os.PathLike, defect_dir
         if not masks_dir.is_dir():
             raise DataError(f"masks folder {masks_dir} does not exist")
         masks = np.zeros((len(labels), size[0], size[1]), dtype=bool)
-        for i, rel in enumerate(rels):
-            mp = _mask_for(masks_dir, rel)
-            m = read_image(mp) if mp is not None else None
-            if m is None:
-                raise DataError(f"no readable mask for {defect_dir / rel} in {masks_dir} (looked for "
-                                f"{rel.parent / (rel.stem + '_mask.png')} and {rel.parent / (rel.stem + '.png')})")
-            masks[len(good.paths) + i] = cv2.resize(m[:, :, 0], (size[1], size[0]),
-                                                    interpolation=cv2.INTER_NEAREST) > 127
+        masks[len(good.paths):] = load_masks(masks_dir, defect_dir, rels, size)
         pixel_auc = pixel_auroc(masks, maps)
         pro = pro_auc(masks, maps) if masks.any() else float("nan")
         pixel_f1 = binary_stats(masks.reshape(-1), (maps > cal.pixel_threshold).reshape(-1))["f1"]
