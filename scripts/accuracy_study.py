@@ -26,6 +26,7 @@ import torch
 
 from linewatch.cli.args import parse_stages
 from linewatch.imaging.images import list_images, load_images
+from linewatch.model.backbones import get_spec
 from linewatch.model.scoring import ImageScorer, ScoreSpec, position_stats
 from linewatch.model.stfpm import IMAGENET_MEAN, IMAGENET_STD, STFPM, default_blur_sigma
 from linewatch.model.tiling import TileSpec, extract_tiles, stitch
@@ -144,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     tr, va, ca = split_indices(len(train), 0.1, 0.2, 0)
     teacher, _ = load_teacher("mobilenet_v2")
     blur = default_blur_sigma(model_size)
+    # the study scores the defect map in its variants, so the students learn exactly its levels (score_stages =
+    # stages); the image score from its own levels is measured with calibrate + evaluate and level_subsets.py
+    stages = args.stages or get_spec("mobilenet_v2").default_stages
     model = STFPM("mobilenet_v2", teacher=teacher, n_students=args.students, input_size=model_size,
-                  mean=IMAGENET_MEAN, std=IMAGENET_STD, blur_sigma=blur, stages=args.stages)
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD, blur_sigma=blur, stages=stages, score_stages=stages)
     tr_img, va_img = train[tr], train[va]
     if tiling is not None:
         tr_img = extract_tiles(torch.from_numpy(tr_img), tiling).numpy()

@@ -86,18 +86,18 @@ def main(argv: list[str] | None = None) -> int:
         masks = masks_for(mask_root, test_paths, size) if mask_root is not None else \
             strip_masks(args.masks, test_paths, size) if args.masks else None
         scorer = ImageScorer(model.blur_sigma, ScoreSpec(reduce="topk", topk=0.01))
-        row: dict[str, object] = {"checkpoint": str(path), "input": f"{size[1]}x{size[0]}", "trained": model.stages}
-        for k in range(1, len(model.stages) + 1):
-            for sub in itertools.combinations(range(len(model.stages)), k):
+        row: dict[str, object] = {"checkpoint": str(path), "input": f"{size[1]}x{size[0]}", "trained": model.levels}
+        for k in range(1, len(model.levels) + 1):
+            for sub in itertools.combinations(range(len(model.levels)), k):
                 maps, scores = scorer(d[:, list(sub)].prod(1))
                 r = {"image_auroc": round(image_auroc(labels, scores.numpy()), 4)}
                 if masks is not None:
                     r["pixel_auroc"] = round(pixel_auroc(masks, maps.numpy()), 4)
                     r["pro"] = round(pro_auc(masks, maps.numpy()), 4)
-                row["levels " + ",".join(str(model.stages[i]) for i in sub)] = r
+                row["levels " + ",".join(str(model.levels[i]) for i in sub)] = r
         # mean distance per level on good and on defective test images: does the level see the defects at all?
         row["mean_distance_good_defect"] = {str(lv): [round(float(d[labels == y, i].mean()), 4) for y in (0, 1)]
-                                            for i, lv in enumerate(model.stages)}
+                                            for i, lv in enumerate(model.levels)}
         print(json.dumps(row), flush=True)
     return 0
 

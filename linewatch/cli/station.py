@@ -52,19 +52,20 @@ def _calibrate_options(args: argparse.Namespace):
 
     train = TrainConfig(max_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
                         schedule=args.schedule, seed=args.seed, select=args.select)
-    stages = None
-    if args.stages is not None:
-        from linewatch.model.backbones import check_stages
+    from linewatch.model.backbones import check_stages
 
+    levels: dict[str, tuple[int, ...] | None] = {}
+    for flag in ("stages", "score_stages"):
+        value = getattr(args, flag)
         try:  # an unknown backbone is a WeightsError with its own message
-            stages = check_stages(args.backbone, args.stages)
+            levels[flag] = check_stages(args.backbone, value) if value is not None else None
         except ValueError as exc:
-            raise LinewatchError(f"--stages: {exc}") from None
+            raise LinewatchError(f"--{flag.replace('_', '-')}: {exc}") from None
     if args.tile is not None and args.input_size != "auto":
         raise LinewatchError("--tile cuts tiles of the model input from frames at native resolution; "
                              "leave out --input-size (or pass --input-size auto)")
     return CalibrateOptions(
-        backbone=args.backbone, input_size=args.input_size, n_students=args.students, stages=stages,
+        backbone=args.backbone, input_size=args.input_size, n_students=args.students, **levels,
         tile=args.tile, tile_overlap=args.tile_overlap, blur_sigma=args.blur_sigma,
         score=ScoreSpec(reduce=args.score, topk=args.score_topk, normalise=args.score_norm),
         val_fraction=args.val_fraction, cal_fraction=args.cal_fraction, alpha=args.alpha,
@@ -91,10 +92,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         target = args.out
     cal, ct = report.calibration, report.conformal
     from linewatch.model import load_bundle
+    from linewatch.model.bundle import describe_levels
 
     meta = load_bundle(target).meta
     framing = f"model input {meta.input_size[1]}x{meta.input_size[0]}, {meta.backbone} levels " \
-              f"{','.join(map(str, meta.stages))}"
+              f"{describe_levels(meta)}"
     if meta.tiling:
         fr = meta.tiling["frame"]
         framing += f" tiles over {fr[1]}x{fr[0]} frames (overlap {meta.tiling['overlap']} px)"
@@ -298,8 +300,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="checkpoint kept: lowest validation loss, or best separation of synthetic anomalies")
     c.add_argument("--students", type=int, default=1, help="number of students (ensemble)")
     c.add_argument("--stages", type=parse_stages, metavar="LIST",
-                   help="pyramid levels matched, 1-4 = strides 4/8/16/32, e.g. 1,2,3 (default: the backbone's; "
-                        "mobilenet_v2: 2,3)")
+                   help="pyramid levels of the defect map, 1-4 = strides 4/8/16/32, e.g. 1,2,3 (default: the "
+                        "backbone's; mobilenet_v2: 2,3)")
+    c.add_argument("--score-stages", type=parse_stages, metavar="LIST",
+                   help="pyramid levels of the map the image score is taken from, e.g. 2,3,4 (default: those of "
+                        "--stages); the students learn both sets")
     c.add_argument("--epochs", type=int, default=40, help="epochs of the cosine schedule (default 40)")
     c.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better val loss")
     c.add_argument("--batch-size", type=int, default=32)

@@ -50,6 +50,8 @@ def _register_bench(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: what `linewatch run` picks for --cameras)")
     p.add_argument("--engine", default="auto", help="auto, eager, jit, compile, graph or reference (model.engine)")
     p.add_argument("--compare-engines", metavar="LIST", help="also time bare with these engines, e.g. reference,eager")
+    p.add_argument("--compare-models", metavar="LIST",
+                   help="also time bare with these bundles (same input size), e.g. a.lwm,b.lwm")
     p.add_argument("--images", default=bench.DEFAULT_IMAGES, help="folder of test images, with or without sub-folders "
                    "(default: %(default)s)")
     p.add_argument("--max-images", type=int, help="use only the first N images")

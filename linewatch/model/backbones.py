@@ -25,8 +25,10 @@ class BackboneSpec:
     weights_file: str  # torchvision's ImageNet checkpoint name: <arch>-<sha256 prefix>.pth
     sha256: str | None  # the full digest where it is known; otherwise the name's prefix is checked
     channels: tuple[int, ...]  # per pyramid level, strides 4/8/16/32
-    # the levels STFPM matches when a station does not say (docs/accuracy-study.md, "Which pyramid levels")
+    # the levels STFPM matches when a station does not say (docs/accuracy-study.md, "Which pyramid levels"):
+    # those multiplied into the defect map, and those multiplied into the map the image score is taken from
     default_stages: tuple[int, ...]
+    default_score_stages: tuple[int, ...]
 
 
 def _split_resnet(m: nn.Module) -> list[nn.Module]:
@@ -48,11 +50,11 @@ def _split_mobilenet_v2(m: nn.Module) -> list[nn.Module]:
 BACKBONES: dict[str, BackboneSpec] = {
     "resnet18": BackboneSpec(
         "resnet18", lambda: models.resnet18(weights=None), _split_resnet,
-        "resnet18-f37072fd.pth", None, (64, 128, 256, 512), (1, 2, 3),  # the paper's layers 1–3
+        "resnet18-f37072fd.pth", None, (64, 128, 256, 512), (1, 2, 3), (1, 2, 3),  # the paper's layers 1–3
     ),
     "wide_resnet50_2": BackboneSpec(
         "wide_resnet50_2", lambda: models.wide_resnet50_2(weights=None), _split_resnet,
-        "wide_resnet50_2-95faca4d.pth", None, (256, 512, 1024, 2048), (1, 2, 3),
+        "wide_resnet50_2-95faca4d.pth", None, (256, 512, 1024, 2048), (1, 2, 3), (1, 2, 3),
     ),
     "mobilenet_v2": BackboneSpec(
         "mobilenet_v2", lambda: models.mobilenet_v2(weights=None), _split_mobilenet_v2,
@@ -60,8 +62,10 @@ BACKBONES: dict[str, BackboneSpec] = {
         "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
         # strides 8/16: the stride-4 level (24 channels) told defects from good cells no better than chance on
         # ELPV; without it image AUROC rose on ELPV cells and strips and bottle kept its targets. Adding the
-        # stride-32 level as well cost bottle's PRO (docs/accuracy-study.md, "Which pyramid levels")
-        (24, 32, 96, 160), (2, 3),
+        # stride-32 level to the defect map cost bottle's PRO. Added to the image score's map only
+        # (`--score-stages 2,3,4`) it is an option, not the default: docs/accuracy-study.md, "The image score
+        # from its own levels"
+        (24, 32, 96, 160), (2, 3), (2, 3),
     ),
 }
 

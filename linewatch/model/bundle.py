@@ -26,10 +26,14 @@ from linewatch.errors import BundleError
 from linewatch.model.backbones import BACKBONES, check_stages
 
 FORMAT = "linewatch-bundle"
-FORMAT_VERSION = 2  # what save_bundle writes
+FORMAT_VERSION = 2  # what save_bundle writes when the image score uses the defect map's levels
+SPLIT_SCORE_VERSION = 3  # ... and when it uses levels of its own (score_stages)
 # v1 (linewatch 0.1 and 0.2 before the stages field) always matched pyramid levels 1, 2, 3: read as such.
 # v2 records the levels; an older linewatch refuses it by version rather than mis-scoring with the wrong levels.
-READABLE_VERSIONS = (1, 2)
+# v3 adds score_stages (the image score's levels, when they differ); a v2 reader would score with the map's
+# levels against a threshold fitted on others, so such a bundle is v3 and refused there by version. A bundle
+# whose score uses the map's levels is still written as v2, readable by the linewatch before this field.
+READABLE_VERSIONS = (1, 2, 3)
 V1_STAGES = (1, 2, 3)
 MAX_TILES = 1024  # per frame: a header asking for more is not a station anyone built
 SCORER_PREFIX = "scorer."  # tensors of the image scorer (per-position statistics), beside the student weights
@@ -79,16 +83,34 @@ class BundleMeta:
     # pyramid levels matched (linewatch.model.backbones: 1–4 = strides 4/8/16/32); None: the backbone's default,
     # as STFPM takes it. A header without the field (v1) reads as V1_STAGES.
     stages: tuple[int, ...] | None = None
+    # the levels of the map the image score is taken from; None: with stages also None the backbone's
+    # default_score_stages, else the same as stages. A header without the field (v1, v2) reads as stages.
+    score_stages: tuple[int, ...] | None = None
     linewatch_version: str = __version__
     format: str = FORMAT
-    format_version: int = FORMAT_VERSION
+    format_version: int | None = None  # None: the lowest version that says it (v2, or v3 with score_stages)
 
     def __post_init__(self) -> None:
         if self.stages is None and self.backbone in BACKBONES:
             self.stages = BACKBONES[self.backbone].default_stages
+            if self.score_stages is None:
+                self.score_stages = BACKBONES[self.backbone].default_score_stages
+        if self.score_stages is None:
+            self.score_stages = self.stages
+        if self.format_version is None:
+            self.format_version = SPLIT_SCORE_VERSION if self.split_score else FORMAT_VERSION
+
+    @property
+    def split_score(self) -> bool:
+        return self.score_stages != self.stages
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        d = asdict(self)
+        if self.split_score:
+            d["format_version"] = max(self.format_version, SPLIT_SCORE_VERSION)
+        else:
+            del d["score_stages"]  # same as stages: a v2 header, which the linewatch before v3 reads
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> BundleMeta:
@@ -101,6 +123,10 @@ class BundleMeta:
             d["stages"] = V1_STAGES
         elif isinstance(d["stages"], list):  # anything else stays as it is, for _meta_problem to name
             d["stages"] = tuple(d["stages"])
+        if "score_stages" not in d:
+            d["score_stages"] = d["stages"]
+        elif isinstance(d["score_stages"], list):
+            d["score_stages"] = tuple(d["score_stages"])
         meta = cls(**d)
         meta.calibration = Calibration(**cal) if cal else None
         return meta
@@ -136,6 +162,18 @@ class LoadedBundle:
     scorer_state: dict[str, torch.Tensor] = field(default_factory=dict)  # per-position statistics, if any
 
 
+def describe_levels(meta: BundleMeta) -> str:
+    """``2,3`` or, when the image score has levels of its own, ``2,3 (image score 2,3,4)``."""
+    text = ",".join(map(str, meta.stages or ()))
+    if meta.split_score:
+        text += f" (image score {','.join(map(str, meta.score_stages or ()))})"
+    return text
+
+
+def _and_list(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -167,9 +205,14 @@ def _meta_problem(meta: BundleMeta) -> str | None:
         return "stages in a v1 bundle (v1 always matched levels 1, 2, 3)"
     if not isinstance(meta.stages, tuple):
         return "stages is not a list of pyramid levels"
+    if not isinstance(meta.score_stages, tuple):
+        return "score_stages is not a list of pyramid levels"
+    if meta.format_version < SPLIT_SCORE_VERSION and meta.split_score:
+        return f"score_stages in a v{meta.format_version} bundle (before v{SPLIT_SCORE_VERSION} the score used stages)"
     if meta.backbone in BACKBONES:
         try:
             check_stages(meta.backbone, meta.stages)
+            check_stages(meta.backbone, meta.score_stages)
         except ValueError as exc:
             return str(exc)
     problem = _score_tiling_problem(meta)
@@ -249,7 +292,7 @@ def load_bundle(path: str | os.PathLike) -> LoadedBundle:
             raise BundleError(
                 f"model file {path} is bundle format v{version} (written by linewatch "
                 f"{d.get('linewatch_version', '?')}), this linewatch {__version__} reads "
-                f"{' and '.join(f'v{v}' for v in READABLE_VERSIONS)}; "
+                f"{_and_list([f'v{v}' for v in READABLE_VERSIONS])}; "
                 f"{fix} or run the matching linewatch version"
             )
         meta = BundleMeta.from_json(header)

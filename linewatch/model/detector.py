@@ -232,7 +232,7 @@ def build_model(meta: BundleMeta, teacher_weights: str | os.PathLike | None = No
     model = STFPM(
         meta.backbone, teacher=teacher, n_students=meta.n_students, input_size=meta.input_size,
         mean=meta.mean, std=meta.std, blur_sigma=meta.blur_sigma, score=ScoreSpec.from_dict(meta.score),
-        stages=meta.stages,
+        stages=meta.stages, score_stages=meta.score_stages,
     )
     return model, digest
 
@@ -261,10 +261,10 @@ def load_detector(
         st = bundle.scorer_state
         tiling = bundle.meta.tiling
         map_size = tuple(tiling["frame"]) if tiling else tuple(bundle.meta.input_size)
-        if "pos_mean" not in st or "pos_std" not in st or tuple(st["pos_mean"].shape) != map_size \
-                or tuple(st["pos_std"].shape) != map_size:
+        names = ("pos_mean", "pos_std") + (("score_pos_mean", "score_pos_std") if model.split_score else ())
+        if any(n not in st or tuple(st[n].shape) != map_size for n in names):
             raise BundleError(f"model file {Path(path)} asks for per-position score normalisation but has no valid "
                               "statistics; re-create it with `linewatch calibrate`")
-        model.scorer.set_position_stats(st["pos_mean"], st["pos_std"])
+        model.scorer.set_position_stats(*(st[n] for n in names))
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     return Detector(model, bundle.meta, bundle.model_id, dev, engine=engine)

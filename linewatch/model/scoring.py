@@ -11,6 +11,10 @@ Three choices, recorded in the bundle (``BundleMeta.score``) so that calibration
   ``topk``, the mean of the top ``topk`` fraction of pixels (one hot pixel of noise moves it less than the
   max). ``calibrate`` defaults to ``topk`` 1 %: docs/accuracy-study.md has the measurements.
 
+The image score may come from a second raw map, of other pyramid levels than the defect map
+(``STFPM.score_stages``): it is blurred, normalised (with its own per-position statistics) and reduced the
+same way, while the defect map is only blurred and normalised.
+
 The conformal threshold is fitted on whichever score this produces.
 """
 
@@ -75,27 +79,46 @@ def position_stats(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ImageScorer(nn.Module):
-    """Raw (B,H,W) maps → (maps as thresholded, image scores (B,))."""
+    """Raw (B,H,W) maps → (maps as thresholded, image scores (B,)). ``split``: the score comes from a second
+    raw map (``forward(raw, score_raw)``), which then has per-position statistics of its own."""
 
-    def __init__(self, blur_sigma: float = 4.0, spec: ScoreSpec | None = None):
+    def __init__(self, blur_sigma: float = 4.0, spec: ScoreSpec | None = None, split: bool = False):
         super().__init__()
         self.blur_sigma = float(blur_sigma)
         self.spec = spec or ScoreSpec()
+        self.split = bool(split)
         kernel = gaussian_kernel1d(blur_sigma) if blur_sigma > 0 else torch.ones(1)
         self.register_buffer("blur_kernel", kernel, persistent=False)
-        # per-position statistics: set by calibration (set_position_stats) or from the bundle
-        self.register_buffer("pos_mean", torch.zeros(0), persistent=False)
-        self.register_buffer("pos_std", torch.ones(0), persistent=False)
+        # per-position statistics: set by calibration (set_position_stats) or from the bundle; the score_ pair
+        # only for a split scorer
+        for prefix in ("", "score_"):
+            self.register_buffer(prefix + "pos_mean", torch.zeros(0), persistent=False)
+            self.register_buffer(prefix + "pos_std", torch.ones(0), persistent=False)
 
-    def set_position_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        if mean.shape != std.shape or mean.ndim != 2:
-            raise ValueError("position statistics must be two (H,W) maps of the same shape")
-        self.pos_mean = mean.float().to(self.blur_kernel.device)
-        self.pos_std = std.float().to(self.blur_kernel.device)
+    def set_position_stats(self, mean: torch.Tensor, std: torch.Tensor, score_mean: torch.Tensor | None = None,
+                           score_std: torch.Tensor | None = None) -> None:
+        """The defect map's statistics, and for a split scorer the score map's (both required then)."""
+        pairs = [("", mean, std)]
+        if self.split:
+            if score_mean is None or score_std is None:
+                raise ValueError("a scorer with its own score map needs position statistics for it too")
+            pairs.append(("score_", score_mean, score_std))
+        for prefix, m, s in pairs:
+            if m.shape != s.shape or m.ndim != 2 or m.shape != mean.shape:
+                raise ValueError("position statistics must be (H,W) maps, all of the same shape")
+            setattr(self, prefix + "pos_mean", m.float().to(self.blur_kernel.device))
+            setattr(self, prefix + "pos_std", s.float().to(self.blur_kernel.device))
 
     @property
     def has_position_stats(self) -> bool:
-        return self.pos_mean.ndim == 2
+        return self.pos_mean.ndim == 2 and (not self.split or self.score_pos_mean.ndim == 2)
+
+    def position_state(self) -> dict[str, torch.Tensor]:
+        """The statistics as the bundle stores them (``scorer.`` tensors); empty when none are set."""
+        if not self.has_position_stats:
+            return {}
+        names = ("pos_mean", "pos_std") + (("score_pos_mean", "score_pos_std") if self.split else ())
+        return {n: getattr(self, n) for n in names}
 
     def blur(self, maps: torch.Tensor) -> torch.Tensor:
         """Separable Gaussian smoothing of (B,H,W) maps, as anomalib does before taking the max."""
@@ -110,14 +133,17 @@ class ImageScorer(nn.Module):
         x = F.conv2d(F.pad(x, (0, 0, r, r), mode=mode), k.view(1, 1, -1, 1))
         return x[:, 0]
 
-    def normalise(self, maps: torch.Tensor) -> torch.Tensor:
+    def normalise(self, maps: torch.Tensor, score_map: bool = False) -> torch.Tensor:
+        """Per-position normalisation (if the spec asks for it) with the defect map's statistics, or with the
+        score map's (``score_map``; a split scorer only)."""
         if self.spec.normalise == "none":
             return maps
         if not self.has_position_stats:
             raise RuntimeError("per-position normalisation asked for but no statistics were set")
-        if tuple(self.pos_mean.shape) != tuple(maps.shape[-2:]):
-            raise ValueError(f"position statistics are {tuple(self.pos_mean.shape)}, maps {tuple(maps.shape[-2:])}")
-        return (maps - self.pos_mean.to(maps.dtype)) / self.pos_std.to(maps.dtype)
+        mean, std = (self.score_pos_mean, self.score_pos_std) if score_map else (self.pos_mean, self.pos_std)
+        if tuple(mean.shape) != tuple(maps.shape[-2:]):
+            raise ValueError(f"position statistics are {tuple(mean.shape)}, maps {tuple(maps.shape[-2:])}")
+        return (maps - mean.to(maps.dtype)) / std.to(maps.dtype)
 
     def reduce(self, maps: torch.Tensor) -> torch.Tensor:
         flat = maps.flatten(1)
@@ -128,6 +154,18 @@ class ImageScorer(nn.Module):
         k = max(1, round(self.spec.topk * int(flat.shape[1])))
         return flat.topk(k, dim=1).values.mean(1)
 
-    def forward(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, raw: torch.Tensor, score_raw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_pair(score_raw)
         maps = self.normalise(self.blur(raw))
-        return maps, self.reduce(maps)
+        if score_raw is None:
+            return maps, self.reduce(maps)
+        return maps, self.reduce(self.normalise(self.blur(score_raw), score_map=True))
+
+    def plain_scores(self, raw: torch.Tensor, score_raw: torch.Tensor | None = None) -> torch.Tensor:
+        """Image scores without per-position normalisation (training, before the statistics exist)."""
+        self._check_pair(score_raw)
+        return self.reduce(self.blur(raw if score_raw is None else score_raw))
+
+    def _check_pair(self, score_raw: torch.Tensor | None) -> None:
+        if (score_raw is not None) != self.split:
+            raise ValueError("this scorer takes " + ("a defect map and a score map" if self.split else "one map"))

@@ -15,8 +15,8 @@ from torch import nn
 from linewatch.model.backbones import PyramidExtractor, build_extractor, check_stages, get_spec
 from linewatch.model.scoring import ImageScorer, ScoreSpec, gaussian_kernel1d
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "STFPM", "default_blur_sigma", "gaussian_kernel1d", "stage_distances",
-           "stfpm_loss"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "STFPM", "default_blur_sigma", "gaussian_kernel1d", "level_distances",
+           "stage_distances", "stfpm_loss"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,24 +32,38 @@ def stfpm_loss(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor])
     return total
 
 
-def stage_distances(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
-                    size: tuple[int, int]) -> torch.Tensor:
-    """Per-pixel anomaly map of one student: product over stages of the upsampled distances → (B,H,W)."""
-    amap = None
+def level_distances(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
+                    size: tuple[int, int]) -> list[torch.Tensor]:
+    """Per level: one student's per-pixel distance of the normalised features, upsampled → (B,H,W) each."""
+    out = []
     for t, s in zip(teacher, student, strict=True):
         t = F.normalize(t.float(), dim=1)
         s = F.normalize(s.float(), dim=1)
         d = 0.5 * (t - s).pow(2).sum(1, keepdim=True)
-        d = F.interpolate(d, size=size, mode="bilinear", align_corners=False)
-        amap = d if amap is None else amap * d
-    return amap[:, 0]
+        out.append(F.interpolate(d, size=size, mode="bilinear", align_corners=False)[:, 0])
+    return out
+
+
+def _product(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    out = maps[0]
+    for m in maps[1:]:
+        out = out * m
+    return out
+
+
+def stage_distances(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
+                    size: tuple[int, int]) -> torch.Tensor:
+    """Per-pixel anomaly map of one student: product over stages of the upsampled distances → (B,H,W)."""
+    return _product(level_distances(teacher, student, size))
 
 
 class STFPM(nn.Module):
     """Teacher + N students. ``forward`` maps a batch of images to (anomaly maps, image scores).
 
-    ``stages``: the pyramid levels (1–4, strides 4/8/16/32) whose features are matched and multiplied into the
-    map; default: the backbone's ``default_stages``. Students are built up to the deepest of them."""
+    ``stages``: the pyramid levels (1–4, strides 4/8/16/32) whose distances are multiplied into the defect map;
+    ``score_stages``: the levels multiplied into the map the image score is taken from. Students learn every
+    level of either (built up to the deepest). Defaults: with neither given, the backbone's ``default_stages``
+    and ``default_score_stages``; with ``stages`` alone, the score uses the same levels."""
 
     def __init__(
         self,
@@ -62,18 +76,25 @@ class STFPM(nn.Module):
         blur_sigma: float = 4.0,
         score: ScoreSpec | None = None,
         stages: Sequence[int] | None = None,
+        score_stages: Sequence[int] | None = None,
     ):
         super().__init__()
         if n_students < 1:
             raise ValueError("n_students must be ≥ 1")
         self.backbone = backbone
-        self.stages = check_stages(backbone, stages if stages is not None else get_spec(backbone).default_stages)
-        levels = max(self.stages)
+        spec = get_spec(backbone)
+        self.stages = check_stages(backbone, stages if stages is not None else spec.default_stages)
+        if score_stages is None:
+            score_stages = spec.default_score_stages if stages is None else self.stages
+        self.score_stages = check_stages(backbone, score_stages)
+        # every level either map uses: matched in training, computed at inference
+        self.levels = tuple(sorted(set(self.stages) | set(self.score_stages)))
+        levels = max(self.levels)
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.blur_sigma = float(blur_sigma)
         teacher = teacher if teacher is not None else build_extractor(backbone, levels=levels)
         if len(teacher.stages) < levels:
-            raise ValueError(f"the teacher has {len(teacher.stages)} pyramid levels, stages {list(self.stages)} "
+            raise ValueError(f"the teacher has {len(teacher.stages)} pyramid levels, stages {list(self.levels)} "
                              f"need {levels}")
         # only the levels used: a deeper level of a shared teacher would be dead compute
         self.teacher = teacher if len(teacher.stages) == levels else PyramidExtractor(list(teacher.stages[:levels]))
@@ -84,11 +105,16 @@ class STFPM(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         # blur, optional per-position normalisation and the reduction to an image score (see .scoring)
-        self.scorer = ImageScorer(blur_sigma, score)
+        self.scorer = ImageScorer(blur_sigma, score, split=self.split_score)
 
     @property
     def n_students(self) -> int:
         return len(self.students)
+
+    @property
+    def split_score(self) -> bool:
+        """True when the image score comes from other levels than the defect map (a second raw map)."""
+        return self.score_stages != self.stages
 
     def train(self, mode: bool = True) -> STFPM:
         super().train(mode)
@@ -110,8 +136,8 @@ class STFPM(nn.Module):
         return x.contiguous(memory_format=torch.channels_last)
 
     def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
-        """Teacher and per-student features of the used stages only."""
-        pick = [i - 1 for i in self.stages]
+        """Teacher and per-student features of the used levels only (``self.levels``, finest first)."""
+        pick = [i - 1 for i in self.levels]
         with torch.no_grad():
             t = self.teacher(x)
         return [t[i] for i in pick], [[f[i] for i in pick] for f in (s(x) for s in self.students)]
@@ -125,19 +151,29 @@ class STFPM(nn.Module):
         """Separable Gaussian smoothing of (B,H,W) maps, as anomalib does before taking the max."""
         return self.scorer.blur(maps)
 
-    def raw_maps(self, images: torch.Tensor) -> torch.Tensor:
-        """Unblurred (B,H,W) maps at input size; with several students the map is their mean distance
+    def raw_pair(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unblurred (B,H,W) maps at input size: the defect map's, and the image score's when its levels differ
+        (else None: the score comes from the defect map). With several students each is their mean distance
         plus their variance (Bergmann et al., 2020)."""
         x = self.preprocess(images)
         t, ss = self.features(x)
-        per_student = torch.stack([stage_distances(t, s, self.input_size) for s in ss])
-        if len(ss) > 1:
-            return per_student.mean(0) + per_student.var(0, unbiased=False)
-        return per_student[0]
+        per_level = [dict(zip(self.levels, level_distances(t, s, self.input_size), strict=True)) for s in ss]
+
+        def combine(levels: tuple[int, ...]) -> torch.Tensor:
+            per_student = torch.stack([_product([d[lv] for lv in levels]) for d in per_level])
+            if len(ss) > 1:
+                return per_student.mean(0) + per_student.var(0, unbiased=False)
+            return per_student[0]
+
+        return combine(self.stages), combine(self.score_stages) if self.split_score else None
+
+    def raw_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """The unblurred (B,H,W) defect maps (``raw_pair``'s first)."""
+        return self.raw_pair(images)[0]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(anomaly maps (B,H,W) at input size, image scores (B,)), scored as ``self.scorer`` says."""
-        return self.scorer(self.raw_maps(images))
+        return self.scorer(*self.raw_pair(images))
 
 
 def default_blur_sigma(input_size: Sequence[int]) -> float:

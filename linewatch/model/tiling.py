@@ -98,16 +98,22 @@ def stitch(tile_maps: torch.Tensor, spec: TileSpec) -> torch.Tensor:
 
 
 class TiledNet(nn.Module):
-    """Wraps a model with ``raw_maps`` (tiles → unblurred maps) and ``scorer`` (stitched map → map, score):
-    frames in, (maps (B,H,W) at frame size, scores (B,)) out. One model call per batch: a batch of B frames
-    is B·T tiles."""
+    """Wraps a model with ``raw_pair`` (tiles → unblurred defect maps, and score maps or None) and ``scorer``
+    (stitched maps → map, score): frames in, (maps (B,H,W) at frame size, scores (B,)) out. One model call per
+    batch: a batch of B frames is B·T tiles."""
 
     def __init__(self, net: nn.Module, spec: TileSpec):
         super().__init__()
         self.net = net
         self.spec = spec
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def scorer(self) -> nn.Module:
+        return self.net.scorer
+
+    def raw_pair(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Frames → the stitched raw (B,H,W) frame maps: defect map, and score map (None when the model scores
+        its defect map)."""
         if images.ndim != 4:
             raise ValueError(f"expected a batch of images (4 dims), got shape {tuple(images.shape)}")
         if images.shape[1] == 3 and images.shape[-1] != 3:
@@ -118,5 +124,8 @@ class TiledNet(nn.Module):
                 x = x / 255.0
             x = F.interpolate(x, size=self.spec.frame, mode="bilinear", align_corners=False, antialias=True)
             images = x.permute(0, 2, 3, 1)
-        raw = self.net.raw_maps(extract_tiles(images, self.spec))
-        return self.net.scorer(stitch(raw, self.spec))
+        raw, score_raw = self.net.raw_pair(extract_tiles(images, self.spec))
+        return stitch(raw, self.spec), stitch(score_raw, self.spec) if score_raw is not None else None
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.scorer(*self.raw_pair(images))

@@ -8,8 +8,6 @@ and the guarantee is the weaker 1/(n+1); we say so.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 import os
 import time
@@ -22,11 +20,11 @@ import torch
 
 from linewatch.errors import DataError
 from linewatch.imaging.images import ImageSet, grey, list_images, load_images, read_image, sharpness
-from linewatch.model.bundle import BundleMeta, Calibration, load_bundle, save_bundle
+from linewatch.model.bundle import BundleMeta, Calibration, describe_levels, load_bundle, save_bundle
 from linewatch.model.detector import Detector, load_detector, resolve_device
 from linewatch.model.scoring import ScoreSpec, position_stats
 from linewatch.model.stfpm import IMAGENET_MEAN, IMAGENET_STD, STFPM, default_blur_sigma
-from linewatch.model.tiling import TileSpec, extract_tiles
+from linewatch.model.tiling import TiledNet, TileSpec, extract_tiles
 from linewatch.model.weights import load_teacher
 from linewatch.station.training import TrainConfig, TrainResult, split_indices, train_students
 
@@ -65,12 +63,18 @@ def conformal_threshold(scores: np.ndarray | list[float], alpha: float) -> Confo
 
 
 def fit_calibration(scores: np.ndarray, maps: np.ndarray, alpha: float, pixel_alpha: float,
-                    images: np.ndarray | None = None) -> tuple[Calibration, ConformalThreshold]:
-    """Image threshold (conformal) and pixel threshold: the (1−pixel_alpha) quantile of good-part pixels,
-    never above the image threshold so every failing part gets a non-empty defect mask."""
+                    images: np.ndarray | None = None, *,
+                    score_from_map: bool = True) -> tuple[Calibration, ConformalThreshold]:
+    """Image threshold (conformal) and pixel threshold: the (1−pixel_alpha) quantile of good-part pixels.
+
+    ``score_from_map``: the image score is taken from ``maps`` (max or top-k mean, so never above the map's
+    peak); the pixel threshold is then kept at or below the image threshold, so a failing part's defect mask
+    holds the region that failed it. A score from other pyramid levels (``STFPM.score_stages``) is on another
+    scale, and such a cap would be meaningless: there the quantile stands alone, and the worker still marks at
+    least the map's peak of a failing part (``find_defects``)."""
     ct = conformal_threshold(scores, alpha)
     pix = float(np.quantile(maps.reshape(-1), 1.0 - pixel_alpha)) if maps.size else ct.threshold
-    pixel_threshold = min(pix, ct.threshold)
+    pixel_threshold = min(pix, ct.threshold) if score_from_map else pix
     s = np.sort(np.asarray(scores, dtype=np.float64))
     stats = {
         "n": float(len(s)), "mean": float(s.mean()), "std": float(s.std()), "median": float(np.median(s)),
@@ -134,7 +138,9 @@ class CalibrateOptions:
     score: ScoreSpec = field(default_factory=lambda: ScoreSpec(reduce="topk", topk=0.01))
     blur_sigma: float | None = None  # None: default_blur_sigma(model input size)
     n_students: int = 1
-    stages: tuple[int, ...] | None = None  # pyramid levels matched; None: the backbone's default_stages
+    stages: tuple[int, ...] | None = None  # defect-map levels; None: the backbone's default_stages
+    # image-score levels; None: the backbone's default_score_stages, or ``stages`` when those are given
+    score_stages: tuple[int, ...] | None = None
     val_fraction: float = 0.1
     cal_fraction: float = 0.2
     alpha: float = 0.005
@@ -246,7 +252,7 @@ def _write_report(out: str | os.PathLike, meta: BundleMeta, scores: np.ndarray, 
     cal = meta.calibration
     assert cal is not None
     summary = {"model input": f"{meta.input_size[1]}x{meta.input_size[0]}, {meta.backbone} pyramid levels "
-                              f"{', '.join(map(str, meta.stages))}", **summary}
+                              f"{describe_levels(meta)}", **summary}
     if meta.framing:
         summary = {**summary, "framing": describe_framing(meta.framing)
                    + f", aspect policy {meta.framing.get('aspect_policy')}"}
@@ -258,6 +264,24 @@ def _write_report(out: str | os.PathLike, meta: BundleMeta, scores: np.ndarray, 
     except OSError as exc:
         log.warning("report_not_written", error=str(exc))
         return None
+
+
+def blurred_maps(model: STFPM, tiling: TileSpec | None, images: np.ndarray, device: torch.device,
+                 batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Blurred, not normalised (N,H,W) maps of ``images`` (frames at the frame size when tiled): the defect
+    map's, and the score map's for a model that takes its score from other levels (else None). What the
+    per-position statistics are computed from."""
+    net = model if tiling is None else TiledNet(model, tiling)
+    model.eval()
+    maps: list[torch.Tensor] = []
+    score_maps: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            raw, score_raw = net.raw_pair(torch.from_numpy(images[i:i + batch_size]).to(device))
+            maps.append(model.scorer.blur(raw).float().cpu())
+            if score_raw is not None:
+                score_maps.append(model.scorer.blur(score_raw).float().cpu())
+    return torch.cat(maps), torch.cat(score_maps) if score_maps else None
 
 
 def calibrate_station(normal_dir: str | os.PathLike, out: str | os.PathLike, opts: CalibrateOptions,
@@ -288,7 +312,8 @@ def calibrate_station(normal_dir: str | os.PathLike, out: str | os.PathLike, opt
     # the students' random initialisation is part of the recipe: seeded, the same images give the same station
     torch.manual_seed(opts.train.seed)
     model = STFPM(opts.backbone, teacher=teacher, n_students=opts.n_students, input_size=model_size,
-                  mean=IMAGENET_MEAN, std=IMAGENET_STD, blur_sigma=blur, score=opts.score, stages=opts.stages)
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD, blur_sigma=blur, score=opts.score, stages=opts.stages,
+                  score_stages=opts.score_stages)
     train_images, val_images = data.images[train_idx], data.images[val_idx]
     if tiling is not None:  # the student learns tiles; validation and calibration images stay whole frames
         train_images = extract_tiles(torch.from_numpy(train_images), tiling).numpy()
@@ -298,6 +323,7 @@ def calibrate_station(normal_dir: str | os.PathLike, out: str | os.PathLike, opt
     meta = BundleMeta(
         backbone=opts.backbone, teacher_sha256=digest, input_size=model_size, mean=IMAGENET_MEAN,
         std=IMAGENET_STD, n_students=opts.n_students, blur_sigma=blur, stages=model.stages,
+        score_stages=model.score_stages,
         score=opts.score.to_dict(), tiling=tiling.to_dict() if tiling is not None else None,
         training={
             "normal_dir": str(Path(normal_dir).resolve()), "n_train": int(len(train_idx)),
@@ -308,25 +334,19 @@ def calibrate_station(normal_dir: str | os.PathLike, out: str | os.PathLike, opt
             "device": str(device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
-    scorer_state: dict[str, torch.Tensor] = {}
     if opts.score.normalise == "position":
         # statistics from the validation images: held out from training (their maps look like new good
         # parts') and disjoint from the calibration split, so the conformal guarantee still holds
-        plain = copy.deepcopy(meta)
-        plain.score = dataclasses.replace(opts.score, normalise="none").to_dict()
-        model.scorer.spec = ScoreSpec.from_dict(plain.score)
-        val_maps = Detector(model, plain, model_id="unsaved", device=device).predict_many(data.images[val_idx]).maps
-        model.scorer.spec = opts.score
-        mean, std = position_stats(val_maps)
-        model.scorer.set_position_stats(mean, std)
-        scorer_state = {"pos_mean": mean, "pos_std": std}
+        maps, score_maps = blurred_maps(model, tiling, data.images[val_idx], device)
+        stats = position_stats(maps) + (position_stats(score_maps) if score_maps is not None else ())
+        model.scorer.set_position_stats(*stats)
     detector = Detector(model, meta, model_id="unsaved", device=device)
     pred = detector.predict_many(data.images[cal_idx])
     cal, ct = fit_calibration(pred.scores.numpy(), pred.maps.numpy(), opts.alpha, opts.pixel_alpha,
-                              data.images[cal_idx])
+                              data.images[cal_idx], score_from_map=not model.split_score)
     meta.calibration = cal
     meta.framing = calibration_framing(data, opts, meta.input_size, tiling is not None)
-    save_bundle(out, model.students.state_dict(), meta, scorer_state=scorer_state)
+    save_bundle(out, model.students.state_dict(), meta, scorer_state=model.scorer.position_state())
     report = CalibrateReport(n, len(train_idx), len(val_idx), len(cal_idx), data.skipped, result, cal, ct,
                              time.monotonic() - start)
     if opts.report:
@@ -349,7 +369,8 @@ def recalibrate_thresholds(model_path: str | os.PathLike, normal_dir: str | os.P
     detector = load_detector(model_path, opts.device, opts.teacher_weights)
     data = _load(normal_dir, detector.input_size, opts.max_images, opts.progress)
     pred = detector.predict_many(data.images)
-    cal, ct = fit_calibration(pred.scores.numpy(), pred.maps.numpy(), opts.alpha, opts.pixel_alpha, data.images)
+    cal, ct = fit_calibration(pred.scores.numpy(), pred.maps.numpy(), opts.alpha, opts.pixel_alpha, data.images,
+                              score_from_map=not detector.model.split_score)
     bundle = load_bundle(model_path)
     bundle.meta.calibration = cal
     bundle.meta.training["recalibrated"] = {"normal_dir": str(Path(normal_dir).resolve()), "n_cal": len(data.paths),

@@ -100,8 +100,8 @@ def image_scores(model: STFPM, images: np.ndarray, batch_size: int, device: torc
     out = []
     with torch.inference_mode():
         for b in _batches(len(images), batch_size, None):
-            maps = model.scorer.blur(model.raw_maps(torch.from_numpy(images[b]).to(device)))
-            out.append(model.scorer.reduce(maps).float().cpu().numpy())
+            scores = model.scorer.plain_scores(*model.raw_pair(torch.from_numpy(images[b]).to(device)))
+            out.append(scores.float().cpu().numpy())
     return np.concatenate(out) if out else np.empty(0, np.float32)
 
 

@@ -10,10 +10,12 @@ from linewatch.station.training import TrainConfig
 
 
 def make_untrained_bundle(path: str | os.PathLike, bottle: Path, input_size: tuple[int, int] = (64, 64),
-                          backbone: str = "mobilenet_v2", stages: tuple[int, ...] | None = None) -> Path:
+                          backbone: str = "mobilenet_v2", stages: tuple[int, ...] | None = None,
+                          score_stages: tuple[int, ...] | None = None) -> Path:
     """Random student (0 epochs), thresholds from 8 good bottle images: fast, for plumbing tests."""
     opts = CalibrateOptions(
-        backbone=backbone, input_size=input_size, stages=stages, val_fraction=0.0, cal_fraction=0.5, device="cpu",
+        backbone=backbone, input_size=input_size, stages=stages, score_stages=score_stages, val_fraction=0.0,
+        cal_fraction=0.5, device="cpu",
         train=TrainConfig(max_epochs=0), max_images=16, progress=False,
     )
     calibrate_station(bottle / "train" / "good", path, opts)

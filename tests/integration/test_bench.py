@@ -17,15 +17,19 @@ STAGES = {"read", "prepare", "queue_wait", "preprocess", "forward", "postprocess
 
 
 @pytest.mark.slow
-def test_bench_short_runs_and_its_json_has_every_field(tmp_path):
+def test_bench_short_runs_and_its_json_has_every_field(tmp_path, bottle):
     images = tmp_path / "images"
     write_images(images / "good", 4, size=(96, 128), seed=1)  # the untrained model's thresholds come from good/
     write_images(images / "defect", 4, size=(96, 128), seed=2)
     out = tmp_path / "bench.json"
+    # a bundle whose image score has levels of its own, timed beside the default model
+    from linewatch.tools.fixtures import make_untrained_bundle
+
+    other = make_untrained_bundle(tmp_path / "score-2-3-4.lwm", bottle, stages=(2, 3), score_stages=(2, 3, 4))
     # a subprocess: the bench sets process-wide torch/OpenCV thread counts
     proc = subprocess.run(
         [sys.executable, "-m", "linewatch.cli", "bench", "--short", "--input-size", "64", "--images", str(images),
-         "--json", str(out), "--profile", "--quiet", "--compare-engines", "reference"],
+         "--json", str(out), "--profile", "--quiet", "--compare-engines", "reference", "--compare-models", str(other)],
         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -36,7 +40,7 @@ def test_bench_short_runs_and_its_json_has_every_field(tmp_path):
                 "modes", "ratios", "latency", "rss_mb", "targets", "load_average"):
         assert key in res, key
     assert set(res["modes"]) == {"bare", "naive", "linewatch-raw", "linewatch-files", "linewatch-raw-paced",
-                                 "bare[reference]"}
+                                 "bare[reference]", "bare[score-2-3-4.lwm]"}
     for name, mode in res["modes"].items():
         assert MODE_FIELDS <= set(mode), (name, MODE_FIELDS - set(mode))
         assert mode["images_per_s"] > 0, name  # it produced results (not a speed requirement)

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from linewatch.errors import BundleError
 from linewatch.model import load_bundle, load_detector, save_bundle
-from linewatch.model.bundle import FORMAT_VERSION
+from linewatch.model.bundle import FORMAT_VERSION, READABLE_VERSIONS, SPLIT_SCORE_VERSION
 
 
 def test_round_trip_keeps_weights_meta_and_predictions(untrained_bundle, tmp_path):
@@ -73,11 +73,12 @@ def test_pickle_payload_is_refused_without_running_it(tmp_path):
 def test_other_format_version_is_refused_with_a_clear_message(untrained_bundle, tmp_path):
     b = load_bundle(untrained_bundle)
     meta = json.loads(b.meta.to_json())
-    meta["format_version"] = FORMAT_VERSION + 1
+    future = max(READABLE_VERSIONS) + 1
+    meta["format_version"] = future
     meta["linewatch_version"] = "9.9.9"
     path = tmp_path / "future.lwm"
     save_file(b.students_state, str(path), metadata={"linewatch": json.dumps(meta)})
-    newer = rf"format v{FORMAT_VERSION + 1} \(written by linewatch 9.9.9\).*reads v1 and v2"
+    newer = rf"format v{future} \(written by linewatch 9.9.9\).*reads v1, v2 and v3"
     with pytest.raises(BundleError, match=newer):
         load_bundle(path)
 
@@ -87,7 +88,7 @@ def _rewrite_header(src: Path, dst: Path, **changes) -> Path:
     meta = json.loads(b.meta.to_json())
     for k, v in changes.items():
         if v is None:
-            meta.pop(k)
+            meta.pop(k, None)
         else:
             meta[k] = v
     save_file(b.students_state, str(dst), metadata={"linewatch": json.dumps(meta)})
@@ -113,8 +114,48 @@ def test_new_bundles_record_the_default_levels(untrained_bundle):
     from linewatch.model.backbones import BACKBONES
 
     meta = load_bundle(untrained_bundle).meta
-    assert meta.format_version == FORMAT_VERSION and meta.stages == BACKBONES["mobilenet_v2"].default_stages
-    assert load_detector(untrained_bundle, "cpu").model.stages == meta.stages
+    spec = BACKBONES["mobilenet_v2"]
+    assert meta.stages == spec.default_stages and meta.score_stages == spec.default_score_stages
+    # v3 only where the score has levels of its own (a v2 reader would score with the map's levels)
+    split = spec.default_score_stages != spec.default_stages
+    assert meta.format_version == (SPLIT_SCORE_VERSION if split else FORMAT_VERSION)
+    model = load_detector(untrained_bundle, "cpu").model
+    assert (model.stages, model.score_stages) == (meta.stages, meta.score_stages)
+
+
+def test_a_bundle_whose_score_uses_the_map_levels_is_still_v2(bottle, tmp_path):
+    """Nothing a v2 reader would mis-read: written as v2 without the new field, so the previous linewatch runs it."""
+    from linewatch.tools.fixtures import make_untrained_bundle
+
+    src = make_untrained_bundle(tmp_path / "same.lwm", bottle, stages=(2, 3))
+    header = json.loads(load_bundle(src).meta.to_json())
+    assert header["format_version"] == FORMAT_VERSION == 2 and "score_stages" not in header
+    assert load_bundle(src).meta.score_stages == (2, 3)
+
+
+@pytest.fixture(scope="module")
+def split_bundle(bottle, tmp_path_factory) -> Path:
+    from linewatch.tools.fixtures import make_untrained_bundle
+
+    return make_untrained_bundle(tmp_path_factory.mktemp("split") / "split.lwm", bottle, stages=(2, 3),
+                                 score_stages=(2, 3, 4))
+
+
+def test_a_score_from_its_own_levels_is_a_v3_bundle_that_loads_as_written(split_bundle):
+    header = json.loads(load_bundle(split_bundle).meta.to_json())
+    assert header["format_version"] == SPLIT_SCORE_VERSION == 3 and header["score_stages"] == [2, 3, 4]
+    model = load_detector(split_bundle, "cpu").model
+    assert (model.stages, model.score_stages) == ((2, 3), (2, 3, 4))
+
+
+def test_score_stages_in_a_v2_header_or_impossible_ones_are_refused(split_bundle, tmp_path):
+    v2 = _rewrite_header(split_bundle, tmp_path / "v2.lwm", format_version=2)
+    with pytest.raises(BundleError, match="score_stages in a v2 bundle"):
+        load_bundle(v2)
+    with pytest.raises(BundleError, match="choose from 1..4"):
+        load_bundle(_rewrite_header(split_bundle, tmp_path / "bad.lwm", score_stages=[2, 5]))
+    with pytest.raises(BundleError, match="score_stages is not a list"):
+        load_bundle(_rewrite_header(split_bundle, tmp_path / "bad2.lwm", score_stages="2,3,4"))
 
 
 @pytest.mark.parametrize("stages, match", [([0, 1], "choose from 1..4"), ([3, 2], "choose from 1..4"),
@@ -125,9 +166,17 @@ def test_impossible_stages_in_a_header_are_refused(untrained_bundle, tmp_path, s
         load_bundle(bad)
 
 
-def test_stages_that_disagree_with_the_weights_are_refused(untrained_bundle, tmp_path):
-    """Header says levels 2-4 (students of 4 levels), the weights have 3: a clear error, not a crash mid-stream."""
-    bad = _rewrite_header(untrained_bundle, tmp_path / "mismatch.lwm", stages=[2, 3, 4])
+def test_stages_that_disagree_with_the_weights_are_refused(bottle, split_bundle, tmp_path):
+    """A header whose levels need students of another depth than the weights: a clear error, not a crash
+    mid-stream. Levels 2-4 against weights of 3 levels, and 2-3 against weights of 4."""
+    from linewatch.tools.fixtures import make_untrained_bundle
+
+    three = make_untrained_bundle(tmp_path / "three.lwm", bottle, stages=(2, 3))
+    bad = _rewrite_header(three, tmp_path / "mismatch.lwm", stages=[2, 3, 4], score_stages=None, format_version=2)
+    with pytest.raises(BundleError, match=r"does not match backbone mobilenet_v2.*linewatch calibrate"):
+        load_detector(bad, "cpu")
+    bad = _rewrite_header(split_bundle, tmp_path / "mismatch2.lwm", stages=[2, 3], score_stages=[2, 3],
+                          format_version=2)
     with pytest.raises(BundleError, match=r"does not match backbone mobilenet_v2.*linewatch calibrate"):
         load_detector(bad, "cpu")
 
@@ -166,3 +215,7 @@ def test_calibrate_refuses_impossible_stages_in_one_line_before_any_work(tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("linewatch: error: --stages: ") and "choose from 1..4" in err and err.count("\n") == 1
     assert not (tmp_path / "m.lwm").exists()
+    assert cli_main(["calibrate", "--normal-dir", str(tmp_path), "--out", str(tmp_path / "m.lwm"),
+                     "--score-stages", "2,3,5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("linewatch: error: --score-stages: ") and err.count("\n") == 1

@@ -67,3 +67,16 @@ def test_fit_calibration_pixel_threshold_never_exceeds_image_threshold():
     assert cal.pixel_threshold <= cal.image_threshold
     assert cal.scores == sorted(cal.scores) and len(cal.scores) == 10
     assert cal.stats["median"] == pytest.approx(float(np.median(scores)))
+
+
+def test_a_score_from_other_levels_leaves_the_pixel_threshold_at_the_good_pixels_quantile():
+    """A split score (e.g. levels 2·3·4 against a 2·3 map) is on another scale: capping the pixel threshold at
+    the image threshold would light up most good pixels."""
+    rng = np.random.default_rng(1)
+    maps = rng.random((10, 16, 16)).astype(np.float32)
+    scores = maps.reshape(10, -1).max(1) * 0.05  # a smaller scale, as a product with one more level has
+    quantile = float(np.quantile(maps, 1 - 1e-3))
+    capped, _ = fit_calibration(scores, maps, alpha=0.1, pixel_alpha=1e-3)
+    split, _ = fit_calibration(scores, maps, alpha=0.1, pixel_alpha=1e-3, score_from_map=False)
+    assert capped.pixel_threshold == capped.image_threshold < quantile
+    assert split.pixel_threshold == pytest.approx(quantile) and split.image_threshold == capped.image_threshold

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from linewatch.model.backbones import BACKBONES, build_extractor
-from linewatch.model.stfpm import STFPM, stage_distances, stfpm_loss
+from linewatch.model.scoring import ScoreSpec
+from linewatch.model.stfpm import STFPM, level_distances, stage_distances, stfpm_loss
 from linewatch.model.weights import load_teacher
 
 
@@ -55,7 +56,9 @@ def test_pretrained_model_scores_a_perturbed_region_higher(bottle):
     from linewatch.imaging.images import list_images, load_images
 
     teacher, _ = load_teacher("mobilenet_v2")
-    model = STFPM("mobilenet_v2", teacher=teacher, input_size=(64, 64), blur_sigma=1.0)
+    # seeded students; one set of levels for map and score (the stride-32 level is 2×2 at 64², a toy's scale)
+    torch.manual_seed(0)
+    model = STFPM("mobilenet_v2", teacher=teacher, input_size=(64, 64), blur_sigma=1.0, stages=(2, 3))
     imgs = load_images(list_images(bottle / "train" / "good")[:4], (64, 64)).images
     opt = torch.optim.SGD(model.students.parameters(), lr=0.4, momentum=0.9)
     x = torch.from_numpy(imgs)
@@ -99,7 +102,7 @@ def test_preprocess_accepts_nhwc_nchw_uint8_and_float():
 
 
 def test_forward_shapes_and_score_is_max_of_map():
-    model = STFPM("mobilenet_v2", input_size=(64, 64)).eval()
+    model = STFPM("mobilenet_v2", input_size=(64, 64), stages=(2, 3)).eval()  # score from the map's levels
     with torch.inference_mode():
         maps, scores = model(torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8))
     assert maps.shape == (3, 64, 64) and scores.shape == (3,)
@@ -107,13 +110,42 @@ def test_forward_shapes_and_score_is_max_of_map():
 
 
 def test_ensemble_map_is_mean_plus_variance():
-    model = STFPM("mobilenet_v2", n_students=3, input_size=(64, 64), blur_sigma=0).eval()
+    model = STFPM("mobilenet_v2", n_students=3, input_size=(64, 64), blur_sigma=0, score=ScoreSpec(reduce="max"),
+                  stages=(2, 3), score_stages=(2, 3, 4)).eval()
     x = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
     with torch.inference_mode():
-        maps, _ = model(x)
-        t, ss = model.features(model.preprocess(x))
-        per = torch.stack([stage_distances(t, s, (64, 64)) for s in ss])
+        maps, scores = model(x)
+        t, ss = model.features(model.preprocess(x))  # levels 2, 3, 4: the map multiplies 2·3, the score 2·3·4
+        per = torch.stack([stage_distances(t[:2], s[:2], (64, 64)) for s in ss])
+        per_score = torch.stack([stage_distances(t, s, (64, 64)) for s in ss])
     torch.testing.assert_close(maps, per.mean(0) + per.var(0, unbiased=False))
+    torch.testing.assert_close(scores, (per_score.mean(0) + per_score.var(0, unbiased=False)).flatten(1).amax(1))
+
+
+def test_the_image_score_can_come_from_other_levels_than_the_defect_map():
+    model = STFPM("mobilenet_v2", input_size=(64, 64), blur_sigma=0, score=ScoreSpec(reduce="max"), stages=(2, 3),
+                  score_stages=(2, 3, 4)).eval()
+    assert model.levels == (2, 3, 4) and len(model.students[0].stages) == 4 and model.split_score
+    x = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        maps, scores = model(x)
+        t, ss = model.features(model.preprocess(x))
+        d2, d3, d4 = level_distances(t, ss[0], (64, 64))
+        loss = model.loss(x)
+    torch.testing.assert_close(maps, d2 * d3)
+    torch.testing.assert_close(scores, (d2 * d3 * d4).flatten(1).amax(1))
+    assert not torch.allclose(scores, maps.flatten(1).amax(1))
+    # the students learn every level either map reads
+    torch.testing.assert_close(loss, stfpm_loss(t, ss[0]))
+    # with neither given, the backbone's defaults; the map's levels alone give the score the same ones
+    spec = BACKBONES["mobilenet_v2"]
+    default = STFPM("mobilenet_v2", input_size=(64, 64))
+    assert (default.stages, default.score_stages) == (spec.default_stages, spec.default_score_stages)
+    assert STFPM("mobilenet_v2", input_size=(64, 64), stages=(1, 2, 3)).score_stages == (1, 2, 3)
+    both = STFPM("mobilenet_v2", input_size=(64, 64), stages=(3, 4), score_stages=(2, 3))
+    assert both.levels == (2, 3, 4) and both.split_score
+    with pytest.raises(ValueError, match=r"choose from 1\.\.4"):
+        STFPM("mobilenet_v2", input_size=(64, 64), score_stages=(4, 2))
 
 
 def test_blur_keeps_constant_maps_constant():

@@ -85,12 +85,16 @@ def test_a_position_normalised_bundle_keeps_its_statistics_and_scores(tmp_path):
 
     write_images(tmp_path / "good", 10, size=(64, 64))
     opts = CalibrateOptions(input_size=(64, 64), val_fraction=0.3, cal_fraction=0.4, device="cpu",
-                            train=TrainConfig(max_epochs=0), progress=False,
+                            train=TrainConfig(max_epochs=0), progress=False, stages=(2, 3), score_stages=(2, 3, 4),
                             score=ScoreSpec(reduce="topk", normalise="position"))
     report = calibrate_station(tmp_path / "good", tmp_path / "m.lwm", opts)
     b = load_bundle(tmp_path / "m.lwm")
     assert b.meta.score == {"reduce": "topk", "topk": 0.01, "normalise": "position"}
-    assert set(b.scorer_state) == {"pos_mean", "pos_std"} and b.scorer_state["pos_mean"].shape == (64, 64)
+    # a score with levels of its own (2,3,4 against the map's 2,3): statistics for both maps
+    assert b.meta.score_stages != b.meta.stages
+    assert set(b.scorer_state) == {"pos_mean", "pos_std", "score_pos_mean", "score_pos_std"}
+    assert all(v.shape == (64, 64) for v in b.scorer_state.values())
+    assert not torch.equal(b.scorer_state["pos_mean"], b.scorer_state["score_pos_mean"])
     assert not any(k.startswith("scorer.") for k in b.students_state)
     det = load_detector(tmp_path / "m.lwm", "cpu")
     from linewatch.imaging.images import list_images, load_images
@@ -104,6 +108,26 @@ def test_a_position_normalised_bundle_keeps_its_statistics_and_scores(tmp_path):
     save_bundle(tmp_path / "broken.lwm", b.students_state, b.meta)
     with pytest.raises(BundleError, match="per-position"):
         load_detector(tmp_path / "broken.lwm", "cpu")
+    # ... or kept the defect map's statistics but not the score map's
+    half = {k: v for k, v in b.scorer_state.items() if not k.startswith("score_")}
+    save_bundle(tmp_path / "half.lwm", b.students_state, b.meta, scorer_state=half)
+    with pytest.raises(BundleError, match="per-position"):
+        load_detector(tmp_path / "half.lwm", "cpu")
+
+
+def test_a_split_scorer_normalises_each_map_with_its_own_statistics():
+    raw, score_raw = torch.rand(2, 8, 8), torch.rand(2, 8, 8) + 5
+    sc = ImageScorer(0.0, ScoreSpec(reduce="max", normalise="position"), split=True)
+    with pytest.raises(ValueError, match="score map"):
+        sc.set_position_stats(torch.zeros(8, 8), torch.ones(8, 8))  # the score map's are missing
+    sc.set_position_stats(torch.zeros(8, 8), torch.ones(8, 8), torch.full((8, 8), 5.0), torch.full((8, 8), 2.0))
+    maps, scores = sc(raw, score_raw)
+    torch.testing.assert_close(maps, raw)
+    torch.testing.assert_close(scores, ((score_raw - 5) / 2).flatten(1).amax(1))
+    with pytest.raises(ValueError, match="a defect map and a score map"):
+        sc(raw)
+    with pytest.raises(ValueError, match="one map"):
+        ImageScorer(0.0)(raw, score_raw)
 
 
 def test_calibrate_defaults_to_the_top_1_percent_mean_and_old_bundles_stay_max():

@@ -59,10 +59,10 @@ class _Brightness(torch.nn.Module):
         self.scorer = ImageScorer(blur_sigma=0.0)
         self.seen: list[torch.Tensor] = []
 
-    def raw_maps(self, tiles: torch.Tensor) -> torch.Tensor:
+    def raw_pair(self, tiles: torch.Tensor) -> tuple[torch.Tensor, None]:
         assert tuple(tiles.shape[1:3]) == self.input_size  # the model only ever sees tiles at its input size
         self.seen.append(tiles)
-        return (tiles.float() - 128).abs().amax(-1) / 127
+        return (tiles.float() - 128).abs().amax(-1) / 127, None
 
 
 def test_a_small_defect_at_native_resolution_is_found_in_a_tile_at_the_right_frame_coordinates():
@@ -212,3 +212,40 @@ def test_input_size_and_tile_are_written_width_first():
     assert parse_wxh("256x128") == (128, 256)
     with pytest.raises(argparse.ArgumentTypeError):
         parse_input_size("500x128")  # not a multiple of 16
+
+
+def test_a_score_from_other_levels_is_stitched_like_the_map_and_normalised_with_its_own_statistics(tmp_path):
+    """A map from levels 2·3 and a score from 2·3·4, through tiles: both raw maps are stitched,
+    and calibrate's per-position statistics cover both at frame size."""
+    from linewatch.model import load_bundle, load_detector
+    from linewatch.model.scoring import ScoreSpec
+    from linewatch.model.stfpm import STFPM
+    from linewatch.station.calibration import CalibrateOptions, calibrate_station
+    from linewatch.station.training import TrainConfig
+    from linewatch.tools.harness import write_images
+
+    torch.manual_seed(0)
+    model = STFPM("mobilenet_v2", input_size=(64, 64), blur_sigma=0, score=ScoreSpec(reduce="max"), stages=(2, 3),
+                  score_stages=(2, 3, 4)).eval()
+    spec = TileSpec(frame=(64, 160), tile=(64, 64), overlap=16)
+    x = torch.randint(0, 256, (2, 64, 160, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        maps, scores = TiledNet(model, spec)(x)
+        raw, score_raw = model.raw_pair(extract_tiles(x, spec))
+    assert maps.shape == (2, 64, 160) and score_raw is not None
+    torch.testing.assert_close(maps, stitch(raw, spec))
+    torch.testing.assert_close(scores, stitch(score_raw, spec).flatten(1).amax(1))
+
+    write_images(tmp_path / "good", 10, size=(64, 160))
+    opts = CalibrateOptions(tile=(64, 64), tile_overlap=16, val_fraction=0.3, cal_fraction=0.4, device="cpu",
+                            train=TrainConfig(max_epochs=1, batch_size=8), progress=False, report=False,
+                            stages=(2, 3), score_stages=(2, 3, 4),
+                            score=ScoreSpec(reduce="topk", normalise="position"))
+    calibrate_station(tmp_path / "good", tmp_path / "m.lwm", opts)
+    b = load_bundle(tmp_path / "m.lwm")
+    assert b.meta.split_score and b.meta.tiling is not None
+    assert {k: tuple(v.shape) for k, v in b.scorer_state.items()} == {
+        k: (64, 160) for k in ("pos_mean", "pos_std", "score_pos_mean", "score_pos_std")}
+    det = load_detector(tmp_path / "m.lwm", "cpu")
+    p = det.predict(x)
+    assert p.maps.shape == (2, 64, 160) and bool(torch.isfinite(p.scores).all())

@@ -185,6 +185,20 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         d = _Detector(det.model, det.meta, det.model_id, det.device, engine=e)
         d.warm_up((1, batch))
         extra[f"bare[{e}]"] = d
+    for path in [p.strip() for p in (getattr(args, "compare_models", None) or "").split(",") if p.strip()]:
+        # other bundles timed in the same interleaved rounds (e.g. other pyramid levels): a cost ratio measured
+        # side by side, as for engines
+        from linewatch.model import load_detector
+
+        d = load_detector(path, args.device, engine=args.engine)
+        if d.input_size != size:
+            raise LinewatchError(f"--compare-models: {path} takes {d.input_size[1]}x{d.input_size[0]} frames, the "
+                                 f"benchmarked model {size[1]}x{size[0]}; compare models of one input size")
+        d.warm_up((1, batch))
+        key = f"bare[{Path(path).name}]"
+        while key in extra:
+            key += "'"
+        extra[key] = d
 
     paced = args.latency_load > 0 and "linewatch-raw" in modes
     rounds: dict[str, list[Any]] = {m: [] for m in modes}

@@ -88,10 +88,8 @@ def build_detector(args: argparse.Namespace, images: list[Path]) -> tuple[Detect
     good = [p for p in images if p.parent.name == "good"] or images[:16]
     data = load_images(good[:20], size)
     pred = det.predict_many(data.images, batch_size=4)
-    try:
-        cal, _ = fit_calibration(pred.scores.numpy(), pred.maps.numpy(), 0.005, 1e-3, images=data.images)
-    except TypeError:  # an older fit_calibration without the image statistics
-        cal, _ = fit_calibration(pred.scores.numpy(), pred.maps.numpy(), 0.005, 1e-3)
+    cal, _ = fit_calibration(pred.scores.numpy(), pred.maps.numpy(), 0.005, 1e-3, images=data.images,
+                             score_from_map=not model.split_score)
     meta.calibration = cal
     info = ModelInfo(args.backbone, size, "untrained (built on the fly)", teacher_label, det.engine,
                      str(det.device), cal.image_threshold, cal.pixel_threshold)
