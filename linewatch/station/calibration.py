@@ -62,6 +62,37 @@ def conformal_threshold(scores: np.ndarray | list[float], alpha: float) -> Confo
     return ConformalThreshold(threshold=float(s[k - 1]), k=k, n=n, bound=1.0 - k / (n + 1), warning=warning)
 
 
+OUTLIER_IQR = 3.0  # Tukey's "far out" fence: Q3 + 3·IQR
+OUTLIER_MIN_N = 8  # below this the quartiles say too little to call anything an outlier
+
+
+@dataclass
+class ScoreOutlier:
+    """A calibration image whose score is far above the others: a defective part among the good ones, or a
+    good part unlike the rest. Either way it may set the threshold, so the engineer should look at it."""
+
+    name: str
+    score: float
+    fence: float
+    sets_threshold: bool  # its score is the image threshold (the conformal order statistic)
+
+
+def score_outliers(scores: np.ndarray, names: list[str], threshold: float) -> list[ScoreOutlier]:
+    """Calibration scores beyond Tukey's far-out fence. Anomaly scores are skewed to the right (a product of
+    distances), so the fence is taken on their logarithm when all are positive (per-position normalised scores
+    can be negative: then on the scores themselves)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if len(s) < OUTLIER_MIN_N or len(names) != len(s):
+        return []
+    positive = bool((s > 0).all())
+    t = np.log(s) if positive else s
+    q1, q3 = np.quantile(t, [0.25, 0.75])
+    fence_t = q3 + OUTLIER_IQR * (q3 - q1)
+    fence = float(np.exp(fence_t)) if positive else float(fence_t)
+    out = [ScoreOutlier(names[i], float(s[i]), fence, bool(s[i] == threshold)) for i in np.flatnonzero(t > fence_t)]
+    return sorted(out, key=lambda o: -o.score)
+
+
 def fit_calibration(scores: np.ndarray, maps: np.ndarray, alpha: float, pixel_alpha: float,
                     images: np.ndarray | None = None, *,
                     score_from_map: bool = True) -> tuple[Calibration, ConformalThreshold]:
@@ -168,6 +199,7 @@ class CalibrateReport:
     seconds: float
     defect_metrics: dict[str, float] | None = None
     report_path: Path | None = None
+    outliers: list[ScoreOutlier] = field(default_factory=list)  # calibration images far above the others
 
 
 def _load(dir_: str | os.PathLike, size: tuple[int, int], max_images: int | None, progress: bool) -> ImageSet:
@@ -266,6 +298,14 @@ def _write_report(out: str | os.PathLike, meta: BundleMeta, scores: np.ndarray, 
         return None
 
 
+def _outliers(scores: np.ndarray, names: list[str], cal: Calibration) -> list[ScoreOutlier]:
+    found = score_outliers(scores, names, cal.image_threshold)
+    for o in found:
+        log.warning("calibration_outlier", image=o.name, score=round(o.score, 6), fence=round(o.fence, 6),
+                    sets_threshold=o.sets_threshold)
+    return found
+
+
 def blurred_maps(model: STFPM, tiling: TileSpec | None, images: np.ndarray, device: torch.device,
                  batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Blurred, not normalised (N,H,W) maps of ``images`` (frames at the frame size when tiled): the defect
@@ -348,7 +388,8 @@ def calibrate_station(normal_dir: str | os.PathLike, out: str | os.PathLike, opt
     meta.framing = calibration_framing(data, opts, meta.input_size, tiling is not None)
     save_bundle(out, model.students.state_dict(), meta, scorer_state=model.scorer.position_state())
     report = CalibrateReport(n, len(train_idx), len(val_idx), len(cal_idx), data.skipped, result, cal, ct,
-                             time.monotonic() - start)
+                             time.monotonic() - start,
+                             outliers=_outliers(pred.scores.numpy(), [str(data.paths[i]) for i in cal_idx], cal))
     if opts.report:
         report.report_path = _write_report(out, meta, pred.scores.numpy(), pred.maps.numpy(), data.images[cal_idx],
                                            [data.paths[i].name for i in cal_idx], result.history,
@@ -378,7 +419,8 @@ def recalibrate_thresholds(model_path: str | os.PathLike, normal_dir: str | os.P
     target = out or model_path
     save_bundle(target, bundle.students_state, bundle.meta, scorer_state=bundle.scorer_state)
     n = len(data.paths)
-    report = CalibrateReport(n, 0, 0, n, data.skipped, None, cal, ct, time.monotonic() - start)
+    report = CalibrateReport(n, 0, 0, n, data.skipped, None, cal, ct, time.monotonic() - start,
+                             outliers=_outliers(pred.scores.numpy(), [str(p) for p in data.paths], cal))
     if opts.report:  # no curves (nothing trained): the page says what was re-fitted and where the weights come from
         report.report_path = _write_report(target, bundle.meta, pred.scores.numpy(), pred.maps.numpy(), data.images,
                                            [p.name for p in data.paths], [],
