@@ -124,9 +124,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         lines.append(f"warning: {ct.warning}")
     for o in report.outliers:
         effect = ", and it sets the image threshold" if o.sets_threshold else ""
-        lines.append(f"warning: calibration image {o.name} scores {o.score:.6g}, far above the others (fence "
-                     f"{o.fence:.6g}){effect}. If it is not a good part, remove it from the folder and calibrate "
-                     "again; if it is, the station needs more images like it")
+        lines.append(f"warning: calibration image {o.name} scores {o.score:.6g}, {o.why}{effect}. If it is not a "
+                     "good part, remove it from the folder and calibrate again; if it is, the station needs more "
+                     "images like it")
     if report.defect_metrics:
         d = report.defect_metrics
         lines.append(f"defect images: {int(d['n_defect'])}, recall {d['recall']:.3f}, "

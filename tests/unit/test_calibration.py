@@ -94,7 +94,13 @@ def test_a_calibration_image_far_above_the_others_is_named():
     names = [f"{i}.png" for i in range(82)]
     cal, _ = fit_calibration(scores, np.zeros((82, 2, 2), np.float32), alpha=0.005, pixel_alpha=1e-3)
     (odd,) = score_outliers(scores, names, cal.image_threshold)
-    assert odd.name == "81.png" and odd.score == 0.5 and odd.sets_threshold and clean.max() < odd.fence < 0.5
+    assert odd.name == "81.png" and odd.score == 0.5 and odd.sets_threshold and odd.why.startswith("far above")
+    # not beyond the fence, but the threshold rests on it alone: 2.5× the next-highest score (ELPV levels 2,3,
+    # seed 1: 0.382 against 0.180, recall 0.208)
+    gap = np.r_[clean, 2.5 * clean.max()]
+    (alone,) = score_outliers(gap, names, float(gap.max()))
+    assert alone.name == "81.png" and alone.why.startswith("2.5× the next-highest") and alone.sets_threshold
+    assert score_outliers(gap, names, float(np.sort(gap)[-2])) == []  # a larger n: it does not set the threshold
     # normalised scores can be negative: the fence is then on the scores themselves
     z = np.r_[rng.normal(0, 1, 40), 40.0]
     assert [o.name for o in score_outliers(z, [str(i) for i in range(41)], 40.0)] == ["40"]
