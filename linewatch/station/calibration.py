@@ -286,13 +286,17 @@ def calibration_framing(data: ImageSet, opts: CalibrateOptions, input_size: tupl
 
 def _write_report(out: str | os.PathLike, meta: BundleMeta, scores: np.ndarray, maps: np.ndarray,
                   images: np.ndarray, names: list[str], history: list[dict[str, float]],
-                  summary: dict[str, str]) -> Path | None:
+                  summary: dict[str, str], outliers: list[ScoreOutlier] | None = None) -> Path | None:
     """The one-page calibration report beside the bundle; a failure to write it is logged, not fatal."""
     from linewatch.model.bundle import describe_framing
     from linewatch.station.report import ReportInputs, report_path_for, write_report
 
     cal = meta.calibration
     assert cal is not None
+    if outliers:  # the same warning as the command line prints, where the engineer looks at the images
+        summary = {**summary, "check these calibration images": "; ".join(
+            f"{Path(o.name).name} scores {o.score:.4g}, {o.why}{' (sets the threshold)' if o.sets_threshold else ''}"
+            for o in outliers)}
     summary = {"model input": f"{meta.input_size[1]}x{meta.input_size[0]}, {meta.backbone} pyramid levels "
                               f"{describe_levels(meta)}", **summary}
     if meta.framing:
@@ -405,7 +409,8 @@ def calibrate_station(normal_dir: str | os.PathLike, out: str | os.PathLike, opt
                                            [data.paths[i].name for i in cal_idx], result.history,
                                            {"images (train / validation / calibration)":
                                             f"{len(train_idx)} / {len(val_idx)} / {len(cal_idx)}",
-                                            "best epoch": f"{result.best_epoch} of {result.epochs_run}"})
+                                            "best epoch": f"{result.best_epoch} of {result.epochs_run}"},
+                                           report.outliers)
     if defect_dir is not None:
         report.defect_metrics = defect_report(load_detector(out, device), defect_dir, opts.progress)
     return report
@@ -434,7 +439,8 @@ def recalibrate_thresholds(model_path: str | os.PathLike, normal_dir: str | os.P
     if opts.report:  # no curves (nothing trained): the page says what was re-fitted and where the weights come from
         report.report_path = _write_report(target, bundle.meta, pred.scores.numpy(), pred.maps.numpy(), data.images,
                                            [p.name for p in data.paths], [],
-                                           {"thresholds": f"refitted from {n} images of {Path(normal_dir).resolve()}"})
+                                           {"thresholds": f"refitted from {n} images of {Path(normal_dir).resolve()}"},
+                                           report.outliers)
     if defect_dir is not None:
         report.defect_metrics = defect_report(load_detector(target, opts.device, opts.teacher_weights),
                                               defect_dir, opts.progress)

@@ -92,3 +92,27 @@ def test_thresholds_only_writes_the_report_with_the_new_threshold(tmp_path, untr
     p = run_cli("calibrate", "--model", model, "--thresholds-only", "--normal-dir", bottle / "test" / "good",
                 "--max-images", "8", "--out", tmp_path / "quiet.lwm", "--quiet", "--device", "cpu", "--no-report")
     assert not report_path_for(tmp_path / "quiet.lwm").exists() and "report:" not in p.stdout
+
+
+def test_a_calibration_image_that_stands_apart_is_named_on_the_command_line_and_the_page(
+        tmp_path, untrained_bundle, bottle, monkeypatch, capsys):
+    """The plumbing from score_outliers (its rule: tests/unit/test_calibration.py) to what the engineer reads."""
+    from linewatch.cli import main as cli_main
+    from linewatch.station import calibration
+
+    def one_outlier(scores, names, threshold):
+        return [calibration.ScoreOutlier(names[-1], float(scores[-1]), "2.5× the next-highest calibration score (0.1)",
+                                         True)]
+
+    monkeypatch.setattr(calibration, "score_outliers", one_outlier)
+    model = tmp_path / "m.lwm"
+    shutil.copy(untrained_bundle, model)
+    assert cli_main(["calibrate", "--model", str(model), "--thresholds-only", "--normal-dir",
+                     str(bottle / "test" / "good"), "--max-images", "8", "--out", str(tmp_path / "r.lwm"), "--quiet",
+                     "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("warning: calibration image "))
+    assert "2.5× the next-highest calibration score (0.1), and it sets the image threshold" in line
+    assert "remove it from the folder and calibrate again" in line
+    page = report_path_for(tmp_path / "r.lwm").read_text()
+    assert "check these calibration images" in page and "(sets the threshold)" in page
