@@ -329,3 +329,33 @@ def test_sd_notify_helper(tmp_path):
     assert SdNotifier(env={"NOTIFY_SOCKET": "@lw-test"}).address == "\0lw-test"
     # a socket that is gone never raises into the daemon
     assert not SdNotifier(env={"NOTIFY_SOCKET": str(tmp_path / "gone.sock")}).notify("READY=1")
+
+
+def test_a_model_scoring_from_its_own_levels_streams_the_scores_it_gives_offline(tmp_path, bottle):
+    """A v3 bundle (image score from levels 2·3·4, map from 2·3) through the real daemon, engine and ZeroMQ: each
+    verdict's score is the offline model's, and failing frames carry a defect mask."""
+    from linewatch.imaging.images import list_images, load_images
+    from linewatch.model import load_bundle, load_detector
+    from linewatch.tools.fixtures import make_untrained_bundle
+
+    model = make_untrained_bundle(tmp_path / "split.lwm", bottle, stages=(2, 3), score_stages=(2, 3, 4))
+    assert load_bundle(model).meta.format_version == 3
+    files = list_images(bottle / "test" / "broken_large")
+    cams = [{"name": "cam", "source": f"dir://{bottle / 'test' / 'broken_large'}", "fps": 30, "on_end": "stop"}]
+    cfg = write_config(tmp_path / "lw.yaml", model, cams, publisher={"wait_for_subscriber_s": 60, "masks": "fail"})
+    with DaemonProcess(cfg) as d:
+        sub = Subscriber(d.endpoint)
+        try:
+            verdicts, _ = collect(sub, len(files), timeout=120)
+        finally:
+            sub.close()
+        assert d.terminate() == 0, d.log_text()[-3000:]
+    verdicts = sorted(verdicts, key=lambda v: v.sequence)
+    assert [v.sequence for v in verdicts] == list(range(len(files)))
+    det = load_detector(model, "cpu")
+    offline = det.predict_many(load_images(files, det.input_size).images).scores.numpy()
+    for v, s in zip(verdicts, offline, strict=True):
+        assert v.ref == files[v.sequence].name
+        assert v.score == pytest.approx(float(s), rel=1e-4, abs=1e-6)
+        if v.verdict == "fail":
+            assert v.defect_area > 0

@@ -137,13 +137,19 @@ def test_calibrate_defaults_to_the_top_1_percent_mean_and_old_bundles_stay_max()
     assert ScoreSpec.from_dict({}).reduce == "max"  # a bundle without a score field is scored as it always was
 
 
-def test_default_score_traces_with_the_jit_engine(untrained_bundle):
+@pytest.mark.parametrize("split", [False, True], ids=["score-from-the-map", "score-from-levels-2-3-4"])
+def test_default_score_traces_with_the_jit_engine(untrained_bundle, bottle, tmp_path, split):
     """The top-k score must survive TorchScript tracing: a shape under trace is a tensor, and a scorer that
-    cannot handle that silently costs the CPU its fastest engine (the daemon falls back to eager)."""
+    cannot handle that silently costs the CPU its fastest engine (the daemon falls back to eager). The same for
+    a score from its own levels (the scorer takes two maps)."""
     import torch
 
     from linewatch.model import load_detector
+    from linewatch.tools.fixtures import make_untrained_bundle
 
+    if split:
+        untrained_bundle = make_untrained_bundle(tmp_path / "split.lwm", bottle, stages=(2, 3),
+                                                 score_stages=(2, 3, 4))
     det = load_detector(untrained_bundle, "cpu", engine="jit")
     det.warm_up((1, 2))
     assert det.engine == "jit"
