@@ -261,7 +261,7 @@ def load_detector(
         st = bundle.scorer_state
         tiling = bundle.meta.tiling
         map_size = tuple(tiling["frame"]) if tiling else tuple(bundle.meta.input_size)
-        names = ("pos_mean", "pos_std") + (("score_pos_mean", "score_pos_std") if model.split_score else ())
+        names = model.scorer.position_names
         if any(n not in st or tuple(st[n].shape) != map_size for n in names):
             raise BundleError(f"model file {Path(path)} asks for per-position score normalisation but has no valid "
                               "statistics; re-create it with `linewatch calibrate`")

@@ -113,12 +113,16 @@ class ImageScorer(nn.Module):
     def has_position_stats(self) -> bool:
         return self.pos_mean.ndim == 2 and (not self.split or self.score_pos_mean.ndim == 2)
 
+    @property
+    def position_names(self) -> tuple[str, ...]:
+        """The statistics' names, in ``set_position_stats`` order: as the bundle stores them (``scorer.`` tensors)."""
+        return ("pos_mean", "pos_std") + (("score_pos_mean", "score_pos_std") if self.split else ())
+
     def position_state(self) -> dict[str, torch.Tensor]:
-        """The statistics as the bundle stores them (``scorer.`` tensors); empty when none are set."""
+        """The statistics as the bundle stores them; empty when none are set."""
         if not self.has_position_stats:
             return {}
-        names = ("pos_mean", "pos_std") + (("score_pos_mean", "score_pos_std") if self.split else ())
-        return {n: getattr(self, n) for n in names}
+        return {n: getattr(self, n) for n in self.position_names}
 
     def blur(self, maps: torch.Tensor) -> torch.Tensor:
         """Separable Gaussian smoothing of (B,H,W) maps, as anomalib does before taking the max."""
