@@ -27,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_study import load_saved_students, load_set, masks_for  # noqa: E402
 
 from linewatch.imaging.images import load_images  # noqa: E402
+from linewatch.model import stfpm  # noqa: E402
 from linewatch.model.bundle import load_bundle  # noqa: E402
 from linewatch.model.detector import build_model  # noqa: E402
 from linewatch.model.scoring import ImageScorer, ScoreSpec  # noqa: E402
-from linewatch.model.stfpm import STFPM, stage_distances  # noqa: E402
+from linewatch.model.stfpm import STFPM  # noqa: E402
 from linewatch.model.weights import load_teacher  # noqa: E402
 from linewatch.station.accuracy import image_auroc, pixel_auroc, pro_auc  # noqa: E402
 from linewatch.station.evaluation import load_masks  # noqa: E402
@@ -52,8 +53,7 @@ def level_distances(model: STFPM, images: np.ndarray, batch: int = 16) -> torch.
     with torch.inference_mode():
         for i in range(0, len(images), batch):
             t, ss = model.features(model.preprocess(torch.from_numpy(images[i:i + batch])))
-            per_level = [stage_distances([a], [b], model.input_size) for a, b in zip(t, ss[0], strict=True)]
-            out.append(torch.stack(per_level, 1))
+            out.append(torch.stack(stfpm.level_distances(t, ss[0], model.input_size), 1))
     return torch.cat(out)
 
 
