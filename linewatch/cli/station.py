@@ -8,9 +8,13 @@ import json
 import math
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from linewatch.cli.args import parse_fraction, parse_input_size, parse_size, parse_stages
 from linewatch.errors import LinewatchError
+
+if TYPE_CHECKING:  # the CLI imports torch-heavy modules only where a command needs them
+    from linewatch.model.scoring import ScoreSpec
 
 
 # ---------------------------------------------------------------- weights
@@ -45,8 +49,14 @@ def cmd_weights_status(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- calibrate
+def _describe_score(spec: ScoreSpec) -> str:
+    """The image score in words, for calibrate's summary: which reduction, over how much of the map."""
+    text = "the map's max" if spec.reduce == "max" else f"mean of the map's top {spec.topk * 100:g} %"
+    return text + (" after per-position normalisation" if spec.normalise == "position" else "")
+
+
 def _calibrate_options(args: argparse.Namespace):
-    from linewatch.model.scoring import ScoreSpec
+    from linewatch.model.scoring import DEFAULT_TOPK, ScoreSpec
     from linewatch.station.calibration import CalibrateOptions
     from linewatch.station.training import TrainConfig
 
@@ -67,7 +77,8 @@ def _calibrate_options(args: argparse.Namespace):
     return CalibrateOptions(
         backbone=args.backbone, input_size=args.input_size, n_students=args.students, **levels,
         tile=args.tile, tile_overlap=args.tile_overlap, blur_sigma=args.blur_sigma,
-        score=ScoreSpec(reduce=args.score, topk=args.score_topk, normalise=args.score_norm),
+        score=ScoreSpec(reduce=args.score, topk=DEFAULT_TOPK if args.score_topk is None else args.score_topk,
+                        normalise=args.score_norm),
         val_fraction=args.val_fraction, cal_fraction=args.cal_fraction, alpha=args.alpha,
         pixel_alpha=args.pixel_alpha, device=args.device, teacher_weights=args.teacher_weights, train=train,
         max_images=args.max_images, progress=not args.quiet,
@@ -93,6 +104,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     cal, ct = report.calibration, report.conformal
     from linewatch.model import load_bundle
     from linewatch.model.bundle import describe_levels
+    from linewatch.model.scoring import ScoreSpec
 
     meta = load_bundle(target).meta
     framing = f"model input {meta.input_size[1]}x{meta.input_size[0]}, {meta.backbone} levels " \
@@ -102,8 +114,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         framing += f" tiles over {fr[1]}x{fr[0]} frames (overlap {meta.tiling['overlap']} px)"
     lines = [
         f"model written: {target}",
-        f"{framing}; image score {meta.score.get('reduce', 'max')}"
-        f"{' + per-position normalisation' if meta.score.get('normalise') == 'position' else ''}",
+        f"{framing}; image score: {_describe_score(ScoreSpec.from_dict(meta.score))}",
         f"images: {report.n_images} usable ({len(report.skipped)} unreadable, skipped)  "
         f"train {report.n_train} / validation {report.n_val} / calibration {report.n_cal}",
     ]
@@ -297,7 +308,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--tile-overlap", type=int, default=32, help="pixels shared by neighbouring tiles (default 32)")
     c.add_argument("--score", choices=["max", "topk"], default="topk",
                    help="image score: mean of the map's top --score-topk fraction (default) or its max")
-    c.add_argument("--score-topk", type=float, default=0.01, help="fraction of map pixels for --score topk")
+    # default None → scoring.DEFAULT_TOPK, resolved after parsing so that --help does not import torch
+    c.add_argument("--score-topk", type=float, help="fraction of map pixels for --score topk (default 0.02)")
     c.add_argument("--score-norm", choices=["none", "position"], default="none",
                    help="position: normalise each map pixel by its mean/std over held-out good images")
     c.add_argument("--blur-sigma", type=float, help="map blur in pixels (default 4 at 256², scaled with size)")

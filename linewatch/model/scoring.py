@@ -28,6 +28,9 @@ from torch import nn
 
 REDUCTIONS = ("max", "topk")
 NORMALISATIONS = ("none", "position")
+# calibrate's image score: the mean of the blurred map's top 2 % (docs/accuracy-study.md, "How many pixels make the
+# image score"). ScoreSpec's own default stays 0.01: it is what a bundle that names ``topk`` without a fraction meant.
+DEFAULT_TOPK = 0.02
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from linewatch.errors import DataError
 from linewatch.imaging.images import ImageSet, grey, list_images, load_images, read_image, sharpness
 from linewatch.model.bundle import BundleMeta, Calibration, describe_levels, load_bundle, save_bundle
 from linewatch.model.detector import Detector, load_detector, resolve_device
-from linewatch.model.scoring import ScoreSpec, position_stats
+from linewatch.model.scoring import DEFAULT_TOPK, ScoreSpec, position_stats
 from linewatch.model.stfpm import IMAGENET_MEAN, IMAGENET_STD, STFPM, default_blur_sigma
 from linewatch.model.tiling import TiledNet, TileSpec, extract_tiles
 from linewatch.model.weights import load_teacher
@@ -175,8 +175,8 @@ class CalibrateOptions:
     input_size: tuple[int, int] | str = "auto"
     tile: tuple[int, int] | None = None  # (h, w) tiles = model input; None: whole frames resized
     tile_overlap: int = 32
-    # top 1 % mean: won or tied image AUROC on every set of docs/accuracy-study.md (PRO unchanged: same map)
-    score: ScoreSpec = field(default_factory=lambda: ScoreSpec(reduce="topk", topk=0.01))
+    # the top 2 % mean (scoring.DEFAULT_TOPK): see docs/accuracy-study.md (PRO unchanged: same map)
+    score: ScoreSpec = field(default_factory=lambda: ScoreSpec(reduce="topk", topk=DEFAULT_TOPK))
     blur_sigma: float | None = None  # None: default_blur_sigma(model input size)
     n_students: int = 1
     stages: tuple[int, ...] | None = None  # defect-map levels; None: the backbone's default_stages

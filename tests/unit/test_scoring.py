@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from linewatch.errors import BundleError
-from linewatch.model.scoring import ImageScorer, ScoreSpec, position_stats
+from linewatch.model.scoring import DEFAULT_TOPK, ImageScorer, ScoreSpec, position_stats
 from linewatch.station.accuracy import image_auroc
 
 
@@ -130,11 +130,35 @@ def test_a_split_scorer_normalises_each_map_with_its_own_statistics():
         ImageScorer(0.0)(raw, score_raw)
 
 
-def test_calibrate_defaults_to_the_top_1_percent_mean_and_old_bundles_stay_max():
+def test_calibrate_defaults_to_the_top_2_percent_mean_and_old_bundles_keep_their_score():
     from linewatch.station.calibration import CalibrateOptions
 
-    assert CalibrateOptions().score == ScoreSpec(reduce="topk", topk=0.01, normalise="none")
+    assert DEFAULT_TOPK == 0.02
+    assert CalibrateOptions().score == ScoreSpec(reduce="topk", topk=DEFAULT_TOPK, normalise="none")
     assert ScoreSpec.from_dict({}).reduce == "max"  # a bundle without a score field is scored as it always was
+    # a bundle calibrated with the earlier default names its fraction, and keeps it
+    assert ScoreSpec.from_dict({"reduce": "topk", "topk": 0.01}).topk == 0.01
+
+
+def test_the_command_line_score_fraction_defaults_to_calibrates():
+    from linewatch.cli import build_parser
+    from linewatch.cli.station import _calibrate_options
+
+    parser = build_parser()
+    base = ["calibrate", "--normal-dir", "good", "--out", "m.lwm"]
+    assert _calibrate_options(parser.parse_args(base)).score.topk == DEFAULT_TOPK
+    assert _calibrate_options(parser.parse_args([*base, "--score-topk", "0.05"])).score.topk == 0.05
+    help_text = " ".join(parser._subparsers._group_actions[0].choices["calibrate"].format_help().split())
+    assert f"--score topk (default {DEFAULT_TOPK:g})" in help_text  # the help says what the code does
+
+
+def test_calibrate_names_the_image_score_it_wrote():
+    from linewatch.cli.station import _describe_score
+
+    assert _describe_score(ScoreSpec(reduce="topk", topk=DEFAULT_TOPK)) == "mean of the map's top 2 %"
+    assert _describe_score(ScoreSpec(reduce="topk", topk=0.005)) == "mean of the map's top 0.5 %"
+    assert _describe_score(ScoreSpec(reduce="max", normalise="position")) == \
+        "the map's max after per-position normalisation"
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["score-from-the-map", "score-from-levels-2-3-4"])
