@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -28,6 +29,17 @@ def parse_fraction(text: str) -> float:
     v = float(text)
     if not 0 <= v < 1:
         raise argparse.ArgumentTypeError(f"{text} must be in [0, 1)")
+    return v
+
+
+def parse_topk(text: str) -> float:
+    """The image score's fraction of map pixels: in (0, 1] (1 is the map's mean)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in (0, 1]; e.g. 0.02 averages the map's top 2 %")
     return v
 
 

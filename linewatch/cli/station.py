@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from linewatch.cli.args import parse_fraction, parse_input_size, parse_size, parse_stages
+from linewatch.cli.args import parse_fraction, parse_input_size, parse_size, parse_stages, parse_topk
 from linewatch.errors import LinewatchError
 
 if TYPE_CHECKING:  # the CLI imports torch-heavy modules only where a command needs them
@@ -309,7 +309,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--score", choices=["max", "topk"], default="topk",
                    help="image score: mean of the map's top --score-topk fraction (default) or its max")
     # default None → scoring.DEFAULT_TOPK, resolved after parsing so that --help does not import torch
-    c.add_argument("--score-topk", type=float, help="fraction of map pixels for --score topk (default 0.02)")
+    c.add_argument("--score-topk", type=parse_topk, help="fraction of map pixels for --score topk (default 0.02)")
     c.add_argument("--score-norm", choices=["none", "position"], default="none",
                    help="position: normalise each map pixel by its mean/std over held-out good images")
     c.add_argument("--blur-sigma", type=float, help="map blur in pixels (default 4 at 256², scaled with size)")

@@ -150,6 +150,19 @@ def test_the_command_line_score_fraction_defaults_to_calibrates():
     assert _calibrate_options(parser.parse_args([*base, "--score-topk", "0.05"])).score.topk == 0.05
     help_text = " ".join(parser._subparsers._group_actions[0].choices["calibrate"].format_help().split())
     assert f"--score topk (default {DEFAULT_TOPK:g})" in help_text  # the help says what the code does
+    assert _calibrate_options(parser.parse_args([*base, "--score-topk", "1"])).score.topk == 1.0  # the map's mean
+
+
+@pytest.mark.parametrize("bad", ["0", "-0.1", "1.5", "nan", "two"])
+def test_a_score_fraction_outside_0_1_is_a_one_line_usage_error(bad, capsys):
+    from linewatch.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["calibrate", "--normal-dir", "good", "--out", "m.lwm", "--score-topk", bad])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"argument --score-topk: {bad} is not a fraction in (0, 1]; "
+                        "e.g. 0.02 averages the map's top 2 %")
 
 
 def test_calibrate_names_the_image_score_it_wrote():
