@@ -14,6 +14,7 @@ from linewatch.cli.args import parse_fraction, parse_input_size, parse_size, par
 from linewatch.errors import LinewatchError
 
 if TYPE_CHECKING:  # the CLI imports torch-heavy modules only where a command needs them
+    from linewatch.model.bundle import Calibration
     from linewatch.model.scoring import ScoreSpec
 
 
@@ -53,6 +54,15 @@ def _describe_score(spec: ScoreSpec) -> str:
     """The image score in words, for calibrate's summary: which reduction, over how much of the map."""
     text = "the map's max" if spec.reduce == "max" else f"mean of the map's top {spec.topk * 100:g} %"
     return text + (" after per-position normalisation" if spec.normalise == "position" else "")
+
+
+def _pixel_threshold_line(cal: Calibration) -> str:
+    """calibrate's pixel-threshold line. It is the good-part pixel quantile unless that lies above the image
+    threshold, where fit_calibration cuts it there (so a failing part's mask holds the pixels above the threshold)."""
+    q = f"{1 - cal.pixel_alpha:.4g} quantile of good-part pixels"
+    if cal.pixel_threshold == cal.image_threshold:
+        return f"pixel threshold: {cal.pixel_threshold:.6g} (the image threshold: the {q} is above it)"
+    return f"pixel threshold: {cal.pixel_threshold:.6g} ({q})"
 
 
 def _calibrate_options(args: argparse.Namespace):
@@ -126,7 +136,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                      f"(val loss {t.best_val_loss:.4f}){', stopped early' if t.stopped_early else ''}")
     lines += [
         f"image threshold: {cal.image_threshold:.6g} (order statistic {ct.k} of {ct.n})",
-        f"pixel threshold: {cal.pixel_threshold:.6g} ({1 - cal.pixel_alpha:.4g} quantile of good-part pixels)",
+        _pixel_threshold_line(cal),
         f"false-reject rate: target {cal.alpha:g}, guaranteed ≤ {cal.false_reject_bound:.4f} "
         "for new good parts like the calibration ones",
         f"total time: {report.seconds:.0f} s",

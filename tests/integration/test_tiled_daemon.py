@@ -107,11 +107,17 @@ def test_tiled_bundle_in_the_daemon_puts_the_defect_box_and_mask_at_frame_coordi
     x0, y0, x1, y1 = dx - DEFECT_R, dy - DEFECT_R, dx + DEFECT_R, dy + DEFECT_R
     box = bad.boxes[0]  # the largest region
     assert box.x <= x0 and box.y <= y0 and box.x + box.w >= x1 and box.y + box.h >= y1, (box, (x0, y0, x1, y1))
-    # ... and about the defect, not the part: the blurred map of a 2-epoch model spreads (measured: 59x56 px
-    # for a 13 px disc), but the box stays near the defect, far from the part's centre
+    # ... and about the defect, not the part: the blurred map of a 2-epoch model spreads, but the box stays near the
+    # defect and off the part's centre. How far it spreads follows the pixel threshold: this model's good-pixel
+    # quantile is above its image threshold, so the mask is cut at the image threshold (fit_calibration's cap), and
+    # the top 2 % score puts that lower than the top 1 % did (box measured 59x56 px with top 1 %, 80–82 x 77 with 2 %,
+    # for a 13 px disc)
+    assert tiled["pixel_threshold"] <= tiled["threshold"]
     cx, cy = box.x + box.w / 2, box.y + box.h / 2
     assert abs(cx - dx) < 40 and abs(cy - dy) < 40, box
-    assert box.w * box.h < PART_W * PART_H / 4, box
+    px, py = ROI[0] + PART_W / 2, ROI[1] + PART_H / 2
+    assert not (box.x <= px <= box.x + box.w and box.y <= py <= box.y + box.h), box
+    assert box.w * box.h < PART_W * PART_H / 3, box
     # that spread makes the containment above blind to an ROI offset lost on the way (20 px right, 10 down would
     # still contain the disc): the box must be the in-process map's largest region, shifted by exactly the offset
     above = (tiled["bad_map"] > tiled["pixel_threshold"]).astype(np.uint8)

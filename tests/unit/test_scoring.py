@@ -165,6 +165,19 @@ def test_a_score_fraction_outside_0_1_is_a_one_line_usage_error(bad, capsys):
                         "e.g. 0.02 averages the map's top 2 %")
 
 
+def test_calibrate_says_when_the_pixel_threshold_is_cut_at_the_image_threshold():
+    from linewatch.cli.station import _pixel_threshold_line
+    from linewatch.model.bundle import Calibration
+
+    def cal(pixel: float) -> Calibration:
+        return Calibration(image_threshold=0.12, pixel_threshold=pixel, alpha=0.005, false_reject_bound=0.012,
+                           scores=[0.1, 0.12], pixel_alpha=0.001)
+
+    assert _pixel_threshold_line(cal(0.1)) == "pixel threshold: 0.1 (0.999 quantile of good-part pixels)"
+    assert _pixel_threshold_line(cal(0.12)) == \
+        "pixel threshold: 0.12 (the image threshold: the 0.999 quantile of good-part pixels is above it)"
+
+
 def test_calibrate_names_the_image_score_it_wrote():
     from linewatch.cli.station import _describe_score
 
