@@ -9,7 +9,8 @@ Three choices, recorded in the bundle (``BundleMeta.score``) so that calibration
   every good part: normalised, it stops counting;
 * the reduction to one number: ``max`` (anomalib's; what a bundle without a ``score`` field gets) or
   ``topk``, the mean of the top ``topk`` fraction of pixels (one hot pixel of noise moves it less than the
-  max). ``calibrate`` defaults to ``topk`` 1 %: docs/accuracy-study.md has the measurements.
+  max). ``calibrate`` defaults to ``topk`` 2 % (``DEFAULT_TOPK``; 1 % before): docs/accuracy-study.md has the
+  measurements.
 
 The image score may come from a second raw map, of other pyramid levels than the defect map
 (``STFPM.score_stages``): it is blurred, normalised (with its own per-position statistics) and reduced the
