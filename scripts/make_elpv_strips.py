@@ -13,6 +13,13 @@ Writes ``OUT/train/good``, ``OUT/test/good``, ``OUT/test/defect``, ``OUT/strips.
 made of) and ``OUT/test/cell_masks`` (``NNNN_mask.png``, white over the *whole* defective cell). ELPV has no
 pixel masks, so those cell masks are a coarse stand-in: pixel AUROC against them measures whether the map
 points at the right cell of four, not whether it outlines the crack (PRO against them means little).
+
+``--thin-cracks N`` adds ``OUT/test/thin`` and ``OUT/test/thin_masks``: N more strips of four *good* test cells,
+one of which gets a drawn crack 2–3 px wide (see :func:`draw_crack`), with a pixel-exact mask. ELPV's real
+defects are mostly coarse (dark areas, cracks across the cell); these are the thin, few-pixel defects of long
+parts that a square squash thins further. They are synthetic and say so: they test what the input size does
+to thin defects, not how real ones look. They come from their own random stream, so the other strips of a seed
+are the same with or without them.
 The ELPV licence (CC BY-NC-SA 4.0) applies.
 """
 
@@ -51,8 +58,33 @@ def _cell(path: Path) -> np.ndarray:
     return img
 
 
+def draw_crack(cell: np.ndarray, rng: np.random.Generator, darken: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """A dark crack drawn into a grey cell: a random walk of 6 steps, 30–80 % of the cell's side long, 2 or 3 px
+    wide, any direction, darker than what it crosses by ``darken`` × 0.8–1.2 (0.5: 40–60 % darker). The random
+    draws do not depend on ``darken``, so a seed gives the same cracks at every contrast. Returns (cell with
+    crack, mask 0/255)."""
+    h, w = cell.shape[:2]
+    side = min(h, w)
+    length = float(rng.uniform(0.3, 0.8)) * side
+    x, y = float(rng.uniform(0.25, 0.75)) * w, float(rng.uniform(0.25, 0.75)) * h
+    angle = float(rng.uniform(0, 2 * np.pi))
+    pts = [(x, y)]
+    for _ in range(6):
+        angle += float(rng.normal(0, 0.3))
+        x = float(np.clip(x + np.cos(angle) * length / 6, 0, w - 1))
+        y = float(np.clip(y + np.sin(angle) * length / 6, 0, h - 1))
+        pts.append((x, y))
+    mask = np.zeros((h, w), np.uint8)
+    cv2.polylines(mask, [np.round(np.array(pts)).astype(np.int32)], False, 255, int(rng.integers(2, 4)), cv2.LINE_8)
+    dark = 1.0 - darken * float(rng.uniform(0.8, 1.2))
+    out = cell.copy()
+    sel = mask > 0
+    out[sel] = np.round(cell[sel].astype(np.float32) * dark).astype(np.uint8)
+    return out, mask
+
+
 def build(data: Path, out: Path, seed: int = 0, test_fraction: float = 0.3, n_test_good: int = 60,
-          n_test_defect: int = 60, train_rounds: int = 1) -> dict[str, int]:
+          n_test_defect: int = 60, train_rounds: int = 1, n_thin: int = 0, crack_darken: float = 0.5) -> dict[str, int]:
     """Write the strips; returns how many of each. Deterministic for a given ``seed``."""
     good, bad = read_labels(data)
     rng = np.random.default_rng(seed)
@@ -94,6 +126,24 @@ def build(data: Path, out: Path, seed: int = 0, test_fraction: float = 0.3, n_te
             mask[:, x0:x0 + imgs[bad_at].shape[1]] = 255
             cv2.imwrite(str(out / "test/cell_masks" / f"{n:04d}_mask.png"), mask)
         rows.append({"file": f"{split}/{name}", "cells": " ".join(p.stem for p in cells)})
+    if n_thin:
+        (out / "test/thin").mkdir(parents=True, exist_ok=True)
+        (out / "test/thin_masks").mkdir(parents=True, exist_ok=True)
+        thin_rng = np.random.default_rng([seed, 1])  # its own stream: the strips above do not depend on n_thin
+    for n in range(n_thin):
+        idx = thin_rng.choice(len(test_pool), CELLS_PER_STRIP, replace=False)
+        cells = [test_pool[i] for i in idx]
+        pos = int(thin_rng.integers(0, CELLS_PER_STRIP))
+        imgs = [_cell(p) for p in cells]
+        h = imgs[0].shape[0]
+        imgs = [im if im.shape[0] == h else cv2.resize(im, (im.shape[1] * h // im.shape[0], h)) for im in imgs]
+        masks = [np.zeros(im.shape[:2], np.uint8) for im in imgs]
+        imgs[pos], masks[pos] = draw_crack(imgs[pos], thin_rng, crack_darken)
+        name = f"{n:04d}.png"
+        cv2.imwrite(str(out / "test/thin" / name), np.hstack(imgs))
+        cv2.imwrite(str(out / "test/thin_masks" / f"{n:04d}_mask.png"), np.hstack(masks))
+        rows.append({"file": f"test/thin/{name}", "cells": " ".join(p.stem for p in cells)})
+        counts["test/thin"] = n + 1
     with open(out / "strips.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["file", "cells"])
         w.writeheader()
@@ -111,17 +161,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-good", type=int, default=60, help="good test strips")
     ap.add_argument("--test-defect", type=int, default=60, help="defective test strips (≤ defective cells)")
     ap.add_argument("--train-rounds", type=int, default=1, help="training strips: each training cell used this often")
+    ap.add_argument("--thin-cracks", type=int, default=0, metavar="N",
+                    help="also write N test strips of good cells with a drawn thin crack (test/thin, test/thin_masks)")
+    ap.add_argument("--crack-darken", type=float, default=0.5, metavar="F",
+                    help="how much darker the cracks are than what they cross, 0–1 (default 0.5: 40–60 %%)")
     args = ap.parse_args(argv)
     data = args.elpv
     if data is None:
         from linewatch.tools.demo.elpv import fetch
 
         data = fetch(args.cache)
+    if not 0.0 < args.crack_darken <= 1.0:
+        print(f"error: --crack-darken {args.crack_darken} is not in (0, 1]", file=sys.stderr)
+        return 2
     if not (data / "labels.csv").is_file():
         print(f"error: {data} has no labels.csv (pass the ELPV data folder)", file=sys.stderr)
         return 2
     counts = build(data, args.out, args.seed, args.test_fraction, args.test_good, args.test_defect,
-                   args.train_rounds)
+                   args.train_rounds, args.thin_cracks, args.crack_darken)
     print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" → {args.out}")
     return 0
 

@@ -84,3 +84,40 @@ def test_the_same_seed_gives_the_same_strips_and_another_seed_others(strips_mod,
         strips_mod.main([*args, "--out", str(tmp_path / name), "--seed", seed])
     assert _strip_cells(tmp_path / "a") == _strip_cells(tmp_path / "b")
     assert _strip_cells(tmp_path / "a") != _strip_cells(tmp_path / "c")
+
+
+def test_thin_crack_strips_are_good_test_cells_with_one_masked_crack(strips_mod, fake_elpv, tmp_path):
+    args = ["--elpv", str(fake_elpv), "--test-good", "3", "--test-defect", "2", "--seed", "2"]
+    plain, thin, faint = tmp_path / "plain", tmp_path / "thin", tmp_path / "faint"
+    assert strips_mod.main([*args, "--out", str(plain)]) == 0
+    assert strips_mod.main([*args, "--out", str(thin), "--thin-cracks", "4"]) == 0
+    assert strips_mod.main([*args, "--out", str(faint), "--thin-cracks", "4", "--crack-darken", "0.1"]) == 0
+    cells = _strip_cells(thin)
+    # the other strips of the seed do not change when thin ones are added
+    assert {f: c for f, c in cells.items() if not f.startswith("test/thin/")} == _strip_cells(plain)
+    train_cells = {c for f, cs in cells.items() if f.startswith("train/") for c in cs}
+    good_mono = {f"cell{i:04d}" for i in range(5, 29)}
+    thin_files = sorted(f for f in cells if f.startswith("test/thin/"))
+    assert len(thin_files) == 4 and len(list((thin / "test/thin_masks").iterdir())) == 4
+    for f in thin_files:
+        cs = cells[f]
+        assert len(set(cs)) == 4 and set(cs) <= good_mono and not set(cs) & train_cells
+        strip = cv2.imread(str(thin / f), cv2.IMREAD_UNCHANGED).astype(np.float32)
+        mask = cv2.imread(str(thin / "test/thin_masks" / f"{Path(f).stem}_mask.png"), cv2.IMREAD_GRAYSCALE) > 0
+        cracked = [k for k in range(4) if mask[:, 20 * k:20 * k + 20].any()]
+        assert len(cracked) == 1  # one cell of four carries the crack
+        grey = np.hstack([np.full((20, 20), int(c[4:]) * 7 % 256, np.float32) for c in cs])
+        assert np.array_equal(strip[~mask], grey[~mask])  # untouched outside the mask
+        ratio = strip[mask] / grey[mask]
+        assert ratio.min() >= 0.4 - 0.01 and ratio.max() <= 0.6 + 0.01  # 40–60 % darker (rounded to uint8)
+        # another contrast: the same crack, fainter
+        faint_strip = cv2.imread(str(faint / f), cv2.IMREAD_UNCHANGED).astype(np.float32)
+        faint_mask = cv2.imread(str(faint / "test/thin_masks" / f"{Path(f).stem}_mask.png"), cv2.IMREAD_GRAYSCALE)
+        assert np.array_equal(faint_mask > 0, mask)
+        assert (faint_strip[mask] > strip[mask]).all() and (faint_strip[mask] < grey[mask]).all()
+
+
+def test_crack_contrast_outside_zero_to_one_is_a_usage_error(strips_mod, fake_elpv, tmp_path, capsys):
+    assert strips_mod.main(["--elpv", str(fake_elpv), "--out", str(tmp_path / "x"), "--thin-cracks", "1",
+                            "--crack-darken", "0"]) == 2
+    assert "--crack-darken" in capsys.readouterr().err
