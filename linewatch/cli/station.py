@@ -14,7 +14,7 @@ from linewatch.cli.args import parse_fraction, parse_input_size, parse_size, par
 from linewatch.errors import LinewatchError
 
 if TYPE_CHECKING:  # the CLI imports torch-heavy modules only where a command needs them
-    from linewatch.model.bundle import Calibration
+    from linewatch.model.bundle import BundleMeta, Calibration
     from linewatch.model.scoring import ScoreSpec
 
 
@@ -63,6 +63,35 @@ def _pixel_threshold_line(cal: Calibration) -> str:
     if cal.pixel_threshold == cal.image_threshold:
         return f"pixel threshold: {cal.pixel_threshold:.6g} (the image threshold: the {q} is above it)"
     return f"pixel threshold: {cal.pixel_threshold:.6g} ({q})"
+
+
+# Frames shrunk this much per side (or more) to fit the model input get calibrate's note on thin defects. On drawn
+# 2–3 px cracks in 1200×300 strips (shrunk 2.3×) the squash and smaller inputs lost them first, and native-resolution
+# tiles kept them (docs/accuracy-study.md, "Strips over five seeds, and thin cracks on real strips").
+SHRINK_NOTE = 2.0
+TILE_HINT = 256  # the tile the note suggests: the default input's pixel budget, so each tile costs one default input
+
+
+def _scale_line(meta: BundleMeta) -> str | None:
+    """calibrate's note when the model input shrinks the frames a lot, naming the flag that keeps native
+    resolution; None for tiled models, unknown framing or little shrinking."""
+    from linewatch.model.bundle import framing_region
+    from linewatch.model.tiling import axis_origins
+
+    region = framing_region(meta.framing) if meta.framing and not meta.tiling else None
+    if region is None:
+        return None
+    (w, h), (ih, iw) = region, meta.input_size
+    shrink = min(w / iw, h / ih)
+    if shrink < SHRINK_NOTE:
+        return None
+    if min(w, h) >= TILE_HINT:
+        n = len(axis_origins(w, TILE_HINT, 32)) * len(axis_origins(h, TILE_HINT, 32))
+        fix = f"calibrate with --tile {TILE_HINT} ({n} tiles of {TILE_HINT}×{TILE_HINT} an image, at native resolution)"
+    else:
+        fix = f"calibrate with --input-size {max(32, w // 16 * 16)}x{max(32, h // 16 * 16)} (about native resolution)"
+    return (f"scale: {w}x{h} images are shrunk {shrink:.1f}× to the {iw}x{ih} input, and defects only a few "
+            f"pixels wide fade at that scale; if this station's defects are that thin, {fix}")
 
 
 def _calibrate_options(args: argparse.Namespace):
@@ -152,6 +181,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         d = report.defect_metrics
         lines.append(f"defect images: {int(d['n_defect'])}, recall {d['recall']:.3f}, "
                      f"precision (vs calibration good parts) {d['precision_vs_calibration']:.3f}")
+    scale = _scale_line(meta)
+    if scale:
+        lines.append(scale)
     if meta.framing:
         from linewatch.model.bundle import describe_framing
 

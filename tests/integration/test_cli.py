@@ -26,7 +26,8 @@ def test_calibrate_evaluate_infer_end_to_end(bottle, tmp_path):
     out = p.stdout
     for needle in ("train 24 / validation 4 / calibration 12", "training: 2 epochs", "image threshold:",
                    "pixel threshold:", "guaranteed ≤ 0.0769", "warning: 12 calibration images are too few",
-                   "defect images: 20, recall", "image score: mean of the map's top 2 %"):
+                   "defect images: 20, recall", "image score: mean of the map's top 2 %",
+                   "scale: 900x900 images are shrunk 14.1× to the 64x64 input", "--tile 256 (16 tiles"):
         assert needle in out, out
 
     js = tmp_path / "eval.json"

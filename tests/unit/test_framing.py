@@ -265,3 +265,32 @@ def test_daemon_refuses_another_aspect_warns_on_size_and_accepts_old_bundles(tmp
         SimpleNamespace(meta=SimpleNamespace(framing=dict(FULL))))
     # a bundle older than framing records: starts, nothing to compare
     d._check_framing(SimpleNamespace(meta=SimpleNamespace(framing=None)))
+
+
+def test_calibrate_notes_when_the_input_shrinks_frames_enough_to_lose_thin_defects():
+    from types import SimpleNamespace
+
+    from linewatch.cli.station import _scale_line
+
+    def meta(size_wh, input_hw, roi=None, tiling=None, sizes=None):
+        framing = {"roi": roi, "source_sizes": sizes if sizes is not None else [list(size_wh)], "colour": "mono"}
+        return SimpleNamespace(framing=framing, input_size=input_hw, tiling=tiling)
+
+    # ELPV strips at the default auto input: 2.3× per side → the note, with the tile count of --tile 256
+    line = _scale_line(meta((1200, 300), (128, 512)))
+    assert line == ("scale: 1200x300 images are shrunk 2.3× to the 512x128 input, and defects only a few pixels "
+                    "wide fade at that scale; if this station's defects are that thin, calibrate with --tile 256 "
+                    "(12 tiles of 256×256 an image, at native resolution)")
+    # ELPV cells (300 → 256) and an upscaled input: no note
+    assert _scale_line(meta((300, 300), (256, 256))) is None
+    assert _scale_line(meta((200, 100), (128, 256))) is None
+    # the ROI is what the model sees, not the whole frame
+    assert _scale_line(meta((2000, 2000), (256, 256), roi=[0, 0, 300, 300])) is None
+    assert _scale_line(meta((2000, 1000), (256, 256), roi=[0, 0, 600, 600])).startswith(
+        "scale: 600x600 images are shrunk 2.3× to the 256x256 input")
+    # already tiled, or framing unknown (mixed sizes): nothing to say
+    assert _scale_line(meta((1200, 300), (256, 256), tiling={"tile": [256, 256]})) is None
+    assert _scale_line(meta((1200, 300), (128, 512), sizes=[[1200, 300], [600, 150]])) is None
+    # frames too small for a 256 tile: the note names a larger input instead
+    assert _scale_line(meta((200, 200), (64, 64))).endswith("calibrate with --input-size 192x192 (about native "
+                                                            "resolution)")
