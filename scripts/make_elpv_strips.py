@@ -76,7 +76,7 @@ def draw_crack(cell: np.ndarray, rng: np.random.Generator, darken: float = 0.5) 
         pts.append((x, y))
     mask = np.zeros((h, w), np.uint8)
     cv2.polylines(mask, [np.round(np.array(pts)).astype(np.int32)], False, 255, int(rng.integers(2, 4)), cv2.LINE_8)
-    dark = 1.0 - darken * float(rng.uniform(0.8, 1.2))
+    dark = max(0.0, 1.0 - darken * float(rng.uniform(0.8, 1.2)))  # darken near 1 would go below black
     out = cell.copy()
     sel = mask > 0
     out[sel] = np.round(cell[sel].astype(np.float32) * dark).astype(np.uint8)
@@ -166,14 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crack-darken", type=float, default=0.5, metavar="F",
                     help="how much darker the cracks are than what they cross, 0–1 (default 0.5: 40–60 %%)")
     args = ap.parse_args(argv)
+    if not 0.0 < args.crack_darken <= 1.0:
+        print(f"error: --crack-darken {args.crack_darken} is not in (0, 1]", file=sys.stderr)
+        return 2
     data = args.elpv
     if data is None:
         from linewatch.tools.demo.elpv import fetch
 
         data = fetch(args.cache)
-    if not 0.0 < args.crack_darken <= 1.0:
-        print(f"error: --crack-darken {args.crack_darken} is not in (0, 1]", file=sys.stderr)
-        return 2
     if not (data / "labels.csv").is_file():
         print(f"error: {data} has no labels.csv (pass the ELPV data folder)", file=sys.stderr)
         return 2

@@ -121,3 +121,10 @@ def test_crack_contrast_outside_zero_to_one_is_a_usage_error(strips_mod, fake_el
     assert strips_mod.main(["--elpv", str(fake_elpv), "--out", str(tmp_path / "x"), "--thin-cracks", "1",
                             "--crack-darken", "0"]) == 2
     assert "--crack-darken" in capsys.readouterr().err
+
+
+def test_the_darkest_crack_is_black_not_wrapped_around(strips_mod):
+    cell = np.full((40, 40), 200, np.uint8)
+    for seed in range(20):  # darken 1 × 0.8–1.2 reaches past black for about half the draws
+        out, mask = strips_mod.draw_crack(cell, np.random.default_rng(seed), darken=1.0)
+        assert mask.any() and out[mask > 0].max() <= 40 and np.array_equal(out[mask == 0], cell[mask == 0])
