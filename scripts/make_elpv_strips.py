@@ -58,6 +58,13 @@ def _cell(path: Path) -> np.ndarray:
     return img
 
 
+def _strip_cells(cells: list[Path]) -> list[np.ndarray]:
+    """The cells of one strip, scaled to the first one's height (ELPV cells are 300×300; this is a safeguard)."""
+    imgs = [_cell(p) for p in cells]
+    h = imgs[0].shape[0]
+    return [im if im.shape[0] == h else cv2.resize(im, (im.shape[1] * h // im.shape[0], h)) for im in imgs]
+
+
 def draw_crack(cell: np.ndarray, rng: np.random.Generator, darken: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """A dark crack drawn into a grey cell: a random walk of 6 steps, 30–80 % of the cell's side long, 2 or 3 px
     wide, any direction, darker than what it crosses by ``darken`` × 0.8–1.2 (0.5: 40–60 % darker). The random
@@ -116,9 +123,8 @@ def build(data: Path, out: Path, seed: int = 0, test_fraction: float = 0.3, n_te
         n = counts.get(split, 0)
         counts[split] = n + 1
         name = f"{n:04d}.png"
-        imgs = [_cell(p) for p in cells]
+        imgs = _strip_cells(cells)
         h = imgs[0].shape[0]
-        imgs = [im if im.shape[0] == h else cv2.resize(im, (im.shape[1] * h // im.shape[0], h)) for im in imgs]
         cv2.imwrite(str(out / split / name), np.hstack(imgs))
         if bad_at is not None:
             mask = np.zeros((h, sum(im.shape[1] for im in imgs)), np.uint8)
@@ -134,9 +140,7 @@ def build(data: Path, out: Path, seed: int = 0, test_fraction: float = 0.3, n_te
         idx = thin_rng.choice(len(test_pool), CELLS_PER_STRIP, replace=False)
         cells = [test_pool[i] for i in idx]
         pos = int(thin_rng.integers(0, CELLS_PER_STRIP))
-        imgs = [_cell(p) for p in cells]
-        h = imgs[0].shape[0]
-        imgs = [im if im.shape[0] == h else cv2.resize(im, (im.shape[1] * h // im.shape[0], h)) for im in imgs]
+        imgs = _strip_cells(cells)
         masks = [np.zeros(im.shape[:2], np.uint8) for im in imgs]
         imgs[pos], masks[pos] = draw_crack(imgs[pos], thin_rng, crack_darken)
         name = f"{n:04d}.png"

@@ -76,7 +76,7 @@ def _scale_line(meta: BundleMeta) -> str | None:
     """calibrate's note when the model input shrinks the frames a lot, naming the flag that keeps native
     resolution; None for tiled models, unknown framing or little shrinking."""
     from linewatch.model.bundle import framing_region
-    from linewatch.model.tiling import axis_origins
+    from linewatch.model.tiling import TileSpec
 
     region = framing_region(meta.framing) if meta.framing and not meta.tiling else None
     if region is None:
@@ -86,7 +86,7 @@ def _scale_line(meta: BundleMeta) -> str | None:
     if shrink < SHRINK_NOTE:
         return None
     if min(w, h) >= TILE_HINT:
-        n = len(axis_origins(w, TILE_HINT, 32)) * len(axis_origins(h, TILE_HINT, 32))
+        n = TileSpec(frame=(h, w), tile=(TILE_HINT, TILE_HINT)).n_tiles  # the default overlap, as --tile uses
         fix = f"calibrate with --tile {TILE_HINT} ({n} tiles of {TILE_HINT}×{TILE_HINT} an image, at native resolution)"
     else:
         fix = f"calibrate with --input-size {max(32, w // 16 * 16)}x{max(32, h // 16 * 16)} (about native resolution)"
