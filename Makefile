@@ -25,7 +25,7 @@ weights: $(STAMP)
 	$(BIN)/linewatch weights fetch
 
 lint: $(STAMP)
-	$(BIN)/ruff check linewatch tests
+	$(BIN)/ruff check linewatch tests scripts
 
 # Debian packages the tests use: a real Prometheus (dashboard/alert test), systemd-analyze, Chromium with
 # its WebDriver (the `linewatch view` browser test) and a real MQTT broker, mosquitto (the bridge tests).
@@ -54,13 +54,13 @@ sysdeps:
 
 # Everything (what CI runs): unit, integration (real daemon processes, sockets, HTTP) and deploy checks.
 test: weights sysdeps
-	$(BIN)/ruff check linewatch tests
+	$(BIN)/ruff check linewatch tests scripts
 	$(BIN)/pytest -q
 
 # The fast loop while editing: unit tests only (no daemon process, no Debian packages), without the ones marked
 # slow (fuzzing, a trained-model measurement), under a minute. `make test` runs those too.
 test-fast: weights
-	$(BIN)/ruff check linewatch tests
+	$(BIN)/ruff check linewatch tests scripts
 	$(BIN)/pytest -q -m "not slow" tests/unit
 
 # The main job end to end on real data: calibrate a station on good ELPV solar cells (fetched from
