@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def strips_mod():
-    spec = importlib.util.spec_from_file_location("make_elpv_strips", ROOT / "scripts" / "make_elpv_strips.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def strips_mod(script):
+    return script("make_elpv_strips")
 
 
 @pytest.fixture
