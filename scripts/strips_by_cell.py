@@ -67,8 +67,8 @@ def score(model: Path, strips: Path, cells: Path) -> dict:
             raise SystemExit(f"unreadable cells: {imgs.skipped[:3]}; run `cut` first")
         pred = det.predict_many(imgs.images, 16)
         cell_scores, cell_maps = pred.scores.numpy().reshape(-1, CELLS), pred.maps.numpy()
+        h = cv2.imread(str(strip_paths[0]), cv2.IMREAD_GRAYSCALE).shape[0]  # make_elpv_strips: all one size
         for i, p in enumerate(strip_paths):
-            h = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE).shape[0]
             maps.append(np.concatenate([cv2.resize(cell_maps[CELLS * i + k], (h, h), interpolation=cv2.INTER_LINEAR)
                                         for k in range(CELLS)], axis=1))
             scores.append(cell_scores[i].max())
