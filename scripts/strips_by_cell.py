@@ -107,17 +107,17 @@ def ceiling(model: Path, good_dir: Path, defect_dir: Path, n_strips: int, draws:
         imgs = load_images(list_images(folder, recursive=True), det.input_size)
         sc[name] = det.predict_many(imgs.images, 16).scores.numpy()
     g, d = sc["good"], sc["defect"]
+    cell_labels = np.r_[np.zeros(len(g)), np.ones(len(d))]
     rng = np.random.default_rng(seed)
     a = strip_auroc_draws(g, d, n_strips, draws, rng)
-    # The cell AUROC the strips would need: defective cells' scores raised by a factor until the strip AUROC moves.
+    # What cell AUROC would a given strip AUROC need? The defective cells' scores times a few fixed factors.
     needed = {}
     for factor in (1.1, 1.25, 1.5, 2.0):
         dd = d * factor
-        cell = image_auroc(np.r_[np.zeros(len(g)), np.ones(len(d))], np.r_[g, dd])
-        needed[f"x{factor}"] = dict(cell_auroc=cell, strip_auroc=float(strip_auroc_draws(g, dd, n_strips, draws // 4,
-                                                                                             rng).mean()))
+        needed[f"x{factor}"] = dict(cell_auroc=image_auroc(cell_labels, np.r_[g, dd]),
+                                    strip_auroc=float(strip_auroc_draws(g, dd, n_strips, draws // 4, rng).mean()))
     return dict(model=str(model), n_good_cells=len(g), n_defect_cells=len(d),
-                cell_auroc=image_auroc(np.r_[np.zeros(len(g)), np.ones(len(d))], np.r_[g, d]),
+                cell_auroc=image_auroc(cell_labels, np.r_[g, d]),
                 strip_auroc_mean=float(a.mean()), strip_auroc_p05=float(np.quantile(a, 0.05)),
                 strip_auroc_p95=float(np.quantile(a, 0.95)), n_strips=n_strips, draws=draws,
                 defect_scores_raised=needed)
