@@ -28,11 +28,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from linewatch.imaging.images import list_images, load_images
-from linewatch.model.detector import load_detector
-from linewatch.station.accuracy import binary_stats, image_auroc, pixel_auroc, pro_auc
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_elpv_strips import CELLS_PER_STRIP as CELLS  # noqa: E402
 
-CELLS = 4
+from linewatch.imaging.images import list_images, load_images  # noqa: E402
+from linewatch.model.detector import load_detector  # noqa: E402
+from linewatch.station.accuracy import binary_stats, image_auroc, pixel_auroc, pro_auc  # noqa: E402
 
 
 def cut_strip(strip: np.ndarray) -> list[np.ndarray]:
